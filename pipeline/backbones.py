@@ -190,6 +190,18 @@ def _canonical_tap(taps, tap, node):
     return named[0] if named else tap
 
 
+def weights_tag(name, weights):
+    """The cache-file tag `load_backbone(name, weights)` would give, without building the model."""
+    if weights == "default":
+        return get_model_weights(name).DEFAULT.name
+    if weights == "none":
+        return "random"
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; give WEIGHTS=default, none, or the path of a .pth state dict")
+    return f"file-{_sha256(path)[:8]}"
+
+
 def load_backbone(name, weights="default"):
     """Build `name` with weights "default" (torchvision's pretrained), "none" (random) or a file path."""
     if name not in classification_models():

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
+from .backbones import weights_tag
 from .errors import PipelineError
 from .store import CacheWriter, partial_path, read_cache_settings
 
@@ -64,6 +65,25 @@ class ImageRows(Dataset):
 
 def cache_path(features_dir, dataset, backbone):
     return Path(features_dir) / dataset / f"{backbone.name}-{backbone.weights_tag}.h5"
+
+
+def find_cache(features_dir, dataset, model=None, weights=None):
+    """The cache to train on -> (path, note). Without model/weights: the only or newest one."""
+    folder = Path(features_dir) / dataset
+    if model and weights:
+        path = folder / f"{model}-{weights_tag(model, weights)}.h5"
+        return path, ""
+    pattern = f"{model}-*.h5" if model else "*.h5"
+    found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        partial = sorted(folder.glob(pattern + ".partial"))
+        if partial:  # let the cache reader explain how to resume
+            return partial[0].with_suffix(""), ""
+        what = f"model {model}" if model else "any model"
+        raise PipelineError(f"no feature cache for {dataset} and {what} in {folder}; "
+                            f"run `make extract DATASET={dataset}{' MODEL=' + model if model else ''}` first")
+    note = f"using {found[-1]}" + (f" (newest of {len(found)}; pass MODEL= and WEIGHTS= to choose)" if len(found) > 1 else "")
+    return found[-1], note
 
 
 def resolve_device(device="auto"):
@@ -178,7 +198,8 @@ def _open_writer(path, table, backbone, layers, settings, precision):
     attrs = {**{k: v for k, v in settings.items() if k != "layers"},
              "settings": settings, "pooling": {layer.name: layer.pooling for layer in layers},
              "penultimate": backbone.resolve(["penultimate"])[0].name,
-             "weights_source": backbone.weights_source, "versions": library_versions()}
+             "weights_source": backbone.weights_source, "dataset_root": str(Path(table.root).resolve())
+             if table.layout != "digits" else str(table.root), "versions": library_versions()}
     return CacheWriter.create(path, ids=table.ids, labels=table.labels, split=table.split,
                               class_names=table.class_names, layer_dims=layer_dims, attrs=attrs)
 
@@ -189,25 +210,35 @@ def library_versions():
             "scikit-learn": sklearn.__version__}
 
 
-def _run(table, backbone, layers, writer, device, precision, batch_size, num_workers, progress):
-    """The loop: decode in workers, forward on `device`, write in a background thread."""
-    rows = np.arange(writer.n_done, len(table))
+def iter_codes(table, backbone, layers, rows, device, precision, batch_size, num_workers):
+    """Yield {layer name: codes [B, D] float32} for `rows` of `table`, in order.
+
+    Images are decoded and transformed in `num_workers` processes while the
+    backbone runs; one forward pass gives every layer.
+    """
     loader = DataLoader(ImageRows(table, backbone.transform, rows), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=4 if num_workers else None)
     model = backbone.extractor(layers).to(device, memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=_DTYPES[precision], enabled=precision in _DTYPES)
+    autocast = torch.autocast(device.type, dtype=_DTYPES.get(precision, torch.float32), enabled=precision in _DTYPES)
+    with torch.inference_mode(), autocast:
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, H, W]
+            yield {name: v.float().cpu().numpy() for name, v in model(images).items()}
+
+
+def _run(table, backbone, layers, writer, device, precision, batch_size, num_workers, progress):
+    """Stream codes into the cache; the disk write of one batch overlaps the next forward pass."""
+    rows = np.arange(writer.n_done, len(table))
     bar = tqdm(total=len(table), initial=writer.n_done, unit="img", disable=not progress,
                desc=f"{backbone.name} {table.name}", dynamic_ncols=True)
     pending = None
-    with ThreadPoolExecutor(max_workers=1) as disk, torch.inference_mode(), autocast:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, H, W]
-            codes = {name: v.float().cpu().numpy() for name, v in model(images).items()}  # {name: [B, D]}
+    with ThreadPoolExecutor(max_workers=1) as disk:
+        for codes in iter_codes(table, backbone, layers, rows, device, precision, batch_size, num_workers):
             if pending is not None:
-                pending.result()  # at most one batch waits for the disk; errors surface here
+                pending.result()  # at most one batch waits for the disk; write errors surface here
             pending = disk.submit(writer.append, codes)
-            bar.update(len(images))
+            bar.update(len(next(iter(codes.values()))))
         if pending is not None:
             pending.result()
     bar.close()

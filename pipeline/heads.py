@@ -165,9 +165,10 @@ def train_head(cache_file, layer, head, out_dir=None):
     wrong = np.flatnonzero(y_pred != y[parts["test"]])
     head_file, result_file = head_paths(out_dir, cache_file, layer, head)
     result = {
-        "dataset": attrs["dataset"], "model": attrs["model"], "weights": attrs["weights"],
+        "dataset": attrs["dataset"], "layout": attrs.get("layout"), "dataset_root": attrs.get("dataset_root"),
+        "model": attrs["model"], "weights": attrs["weights"],
         "weights_sha256": attrs.get("weights_sha256", ""), "layer": layer, "head": head,
-        "pooling": attrs.get("pooling", {}).get(layer, "none"), "precision": attrs.get("precision"),
+        "depth": _depth(attrs, layer), "pooling": attrs.get("pooling", {}).get(layer, "none"), "precision": attrs.get("precision"),
         "dim": int(X.shape[1]), "n_train": int(parts["train"].sum()), "n_val": int(parts["val"].sum()),
         "n_test": int(parts["test"].sum()), "C": C, "val_accuracy": grid[C],
         "grid": [{"C": c, "val_accuracy": grid[c]} for c in sorted(grid)],
@@ -189,6 +190,12 @@ def train_head(cache_file, layer, head, out_dir=None):
                       "score": "margin" if head == "svm" else "probability", "provenance": provenance})
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _depth(attrs, layer):
+    """Position of the layer in forward order among the cache's layers (for depth plots)."""
+    order = attrs.get("settings", {}).get("layers", [])
+    return order.index(layer) if layer in order else None
 
 
 def resolve_layer(cache, layer):

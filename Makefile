@@ -1,0 +1,91 @@
+# Two-stage feature-cache pipeline. `make help` lists the targets.
+# Every target creates .venv and installs what it needs the first time.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+DATASET     ?= vehicles
+MODEL       ?=
+LAYERS      ?= penultimate
+LAYER       ?= penultimate
+WEIGHTS     ?=
+HEAD        ?= softmax
+DATA_DIR    ?= data
+FEATURES_DIR ?= features
+REPORTS_DIR ?= reports
+DEVICE      ?= auto
+PRECISION   ?= auto
+BATCH       ?=
+WORKERS     ?=
+SHARED      ?= ../shared
+# The torch/torchvision pair installed into .venv (pyproject admits 2.11-2.14 / 0.26-0.29).
+TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
+
+CLI := $(PY) -m pipeline
+opt = $(if $(2),$(1) $(2))
+
+.PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench clean
+
+help:
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..]"
+	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..]"
+	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
+	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
+	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv]"
+	@echo "make taps       MODEL=resnet50"
+	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
+	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
+	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+extract: venv
+	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
+	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
+	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS))
+
+train-head: venv
+	$(CLI) train-head --head $(HEAD) --dataset $(DATASET) --layer $(LAYER) --features-dir $(FEATURES_DIR) \
+	  $(call opt,--model,$(MODEL)) $(call opt,--weights,$(WEIGHTS))
+
+sweep: venv
+	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
+	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
+	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS))
+
+report: venv
+	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)
+
+predict: venv
+	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE)
+
+taps: venv
+	$(CLI) taps $(or $(MODEL),vgg16)
+
+# The whole path on the embedded default (scikit-learn's digits, no download of data).
+demo: DATASET = digits
+demo: venv
+	$(MAKE) --no-print-directory extract DATASET=$(DATASET)
+	$(MAKE) --no-print-directory train-head HEAD=svm DATASET=$(DATASET) MODEL=$(or $(MODEL),vgg16) WEIGHTS=$(or $(WEIGHTS),default)
+	$(MAKE) --no-print-directory train-head HEAD=softmax DATASET=$(DATASET) MODEL=$(or $(MODEL),vgg16) WEIGHTS=$(or $(WEIGHTS),default)
+	$(MAKE) --no-print-directory train-head HEAD=linear DATASET=$(DATASET) MODEL=$(or $(MODEL),vgg16) WEIGHTS=$(or $(WEIGHTS),default)
+	$(MAKE) --no-print-directory report
+
+test: venv
+	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q
+
+test-fast: venv
+	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
+
+bench: venv
+	$(PY) -m pipeline.bench $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR)
+
+clean:
+	rm -rf $(REPORTS_DIR) .pytest_cache

@@ -1,0 +1,154 @@
+"""Command line: `python -m pipeline COMMAND --help`. Parses, calls one function, echoes.
+
+    python -m pipeline extract --dataset vehicles --model mobilenet_v2 --weights weights.pth
+    python -m pipeline train-head --head svm --dataset vehicles
+    python -m pipeline report
+    python -m pipeline predict features/vehicles/heads/<...>.svm.h5 photos/ --out predictions.csv
+
+Every PipelineError becomes one line on stderr and exit status 1.
+"""
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PipelineError
+
+PATH = click.Path(path_type=Path)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group)
+def cli():
+    """Transfer learning by feature cache: extract CNN codes once, train heads in seconds."""
+
+
+def _data_options(f):
+    f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
+    f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
+    return f
+
+
+@cli.command()
+@click.option("--dataset", default="vehicles", show_default=True, help="Folder under --data-dir, or `digits`.")
+@click.option("--model", default="vgg16", show_default=True, help="Any torchvision classifier (`pipeline models`).")
+@click.option("--layers", default="penultimate", show_default=True,
+              help="Comma-separated taps, each optionally :avg|:max|:avgmax|:gridK (`pipeline taps MODEL`).")
+@click.option("--weights", default="default", show_default=True, help="default (torchvision), none (random) or a .pth path.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: cores, at most 8).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_data_options
+def extract(dataset, model, layers, weights, device, precision, batch_size, workers, quiet, data_dir, features_dir):
+    """Stage one: cache a frozen CNN's codes for every image of a data set."""
+    from .backbones import load_backbone
+    from .datasets import load_dataset
+    from .extract import extract_features
+
+    table = load_dataset(dataset, data_dir)
+    backbone = load_backbone(model, weights)
+    result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
+                              batch_size=batch_size, num_workers=workers, progress=not quiet)
+    click.echo(result.message)
+
+
+@cli.command("train-head")
+@click.option("--head", type=click.Choice(["svm", "softmax", "linear"]), default="softmax", show_default=True)
+@click.option("--dataset", default="vehicles", show_default=True)
+@click.option("--model", default=None, help="Default: the only (or newest) cache of the data set.")
+@click.option("--weights", default=None, help="default, none or a .pth path, as given to extract.")
+@click.option("--layer", default="penultimate", show_default=True, help="A cached layer, `penultimate`, or `auto` (the sweep's choice).")
+@_data_options
+def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
+    """Stage two: choose C on val, refit on train+val, score test once, save the head."""
+    from .extract import find_cache
+    from .heads import train_head as train
+
+    cache, note = find_cache(features_dir, dataset, model, weights)
+    if note:
+        click.echo(note)
+    if layer == "auto":
+        from .sweep import chosen_layer
+        layer = chosen_layer(cache, head)
+    result = train(cache, layer, head)
+    click.echo(f"{result['head']} on {result['layer']} ({result['dim']}-D, C={result['C']:.3g}): "
+               f"val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f} "
+               f"(balanced {result['test_balanced_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}) "
+               f"-> {result['head_file']}")
+
+
+@cli.command()
+@click.option("--features-dir", type=PATH, default=Path("features"), show_default=True)
+@click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
+@click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="For thumbnails of misclassified images.")
+def report(features_dir, reports_dir, data_dir):
+    """Compare every trained head: reports/report.md, index.html, runs.json."""
+    from .report import write_report
+
+    table, paths = write_report(features_dir, reports_dir, data_dir)
+    click.echo(table)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@cli.command()
+@click.argument("head_file", type=PATH)
+@click.argument("inputs", type=PATH, nargs=-1, required=True)
+@click.option("--out", type=PATH, default=Path("predictions.csv"), show_default=True)
+@click.option("--weights", default=None, help="Backbone weights if not where the head was trained (default, none, path).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+def predict(head_file, inputs, out, weights, device, batch_size):
+    """Classify image files or folders with the head's backbone; write path,label,score."""
+    from .predict import predict_files
+
+    n = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size)
+    click.echo(f"classified {n} images -> {out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--all", "all_nodes", is_flag=True, help="Also list every graph node.")
+def taps(model, all_nodes):
+    """List MODEL's named taps with their shapes and pooled sizes."""
+    from .backbones import load_backbone
+
+    backbone = load_backbone(model, "none")
+    named = backbone.taps()
+    shapes = backbone.output_shapes(sorted(set(named.values()), key=list(named.values()).index))
+    for tap, node in named.items():
+        shape = shapes[node][1:]
+        click.echo(f"{tap:<16} node {node:<24} output {list(shape)}")
+    if all_nodes:
+        click.echo("\n".join(backbone.nodes()))
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+def models(pattern):
+    """List torchvision classification models (optionally matching a wildcard)."""
+    import fnmatch
+
+    from .backbones import classification_models
+
+    click.echo("\n".join(m for m in classification_models() if fnmatch.fnmatch(m, pattern)))
+
+
+def _split(text):
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main():
+    cli(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
