@@ -87,6 +87,38 @@ def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
 
 
 @cli.command()
+@click.option("--dataset", default="vehicles", show_default=True)
+@click.option("--model", default="vgg16", show_default=True)
+@click.option("--weights", default="default", show_default=True, help="default, none or a .pth path.")
+@click.option("--head", type=click.Choice(["svm", "softmax", "linear"]), default="softmax", show_default=True)
+@click.option("--pooling", default="avg", show_default=True, help="For spatial layers: avg, max, avgmax or gridK.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
+@click.option("--quiet", is_flag=True)
+@_data_options
+def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, reports_dir, quiet,
+          data_dir, features_dir):
+    """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
+    from .backbones import load_backbone
+    from .datasets import load_dataset
+    from .report import write_report
+    from .sweep import run_sweep
+
+    table = load_dataset(dataset, data_dir)
+    backbone = load_backbone(model, weights)
+    show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
+    results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
+                                           precision=precision, batch_size=batch_size, num_workers=workers,
+                                           progress=not quiet)
+    click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head LAYER=auto HEAD={head}` uses it)")
+    write_report(features_dir, reports_dir, data_dir)
+    click.echo(f"report: {reports_dir / 'index.html'}")
+
+
+@cli.command()
 @click.option("--features-dir", type=PATH, default=Path("features"), show_default=True)
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="For thumbnails of misclassified images.")

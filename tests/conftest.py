@@ -1,0 +1,61 @@
+"""Shared fixtures. Real data and weights come from ../shared (PIPELINE_SHARED).
+
+Under CI=true a missing ../shared is a failure, not a skip: the end-to-end
+tests are the product's proof and must run there.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared")).resolve()
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-imagenet-dequantized.pth"
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """Path of ../shared; skips locally, fails under CI, when it is missing."""
+    if not (SHARED / "data").is_dir() or not MOBILENET_WEIGHTS.is_file():
+        message = f"real data and weights not found at {SHARED} (set PIPELINE_SHARED)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights(shared):
+    return MOBILENET_WEIGHTS
+
+
+def write_image(path, size=(32, 24), color=(200, 30, 30), mode="RGB", fmt=None):
+    """A small real image file (solid color with a gradient so it is not constant)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    ramp = np.linspace(0, 1, w * h, dtype=np.float64).reshape(h, w, 1)
+    rgb = (np.array(color, dtype=np.float64) * (0.5 + 0.5 * ramp)).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def small_vehicles(shared, tmp_path):
+    """A 60-image copy of the vehicles data set (CSV layout), balanced, in tmp."""
+    import csv
+    src = shared / "data" / "vehicles"
+    rows = list(csv.reader(open(src / "emergency_train.csv")))
+    header, rows = rows[0], rows[1:]
+    picked = [r for r in rows if r[1] == "0"][:30] + [r for r in rows if r[1] == "1"][:30]
+    root = tmp_path / "data" / "vehicles"
+    (root / "images").mkdir(parents=True)
+    for name, _ in picked:
+        (root / "images" / name).write_bytes((src / "images" / name).read_bytes())
+    with open(root / "emergency_train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + picked)
+    return root

@@ -1,0 +1,130 @@
+"""Backbones: taps from the model's structure, dims from a dry pass, pooling, weights errors."""
+import pytest
+import torch
+from torchvision.models import get_model
+
+from pipeline import backbones
+from pipeline.backbones import load_backbone, pool, weights_tag
+from pipeline.errors import ModelError, WeightsError
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return load_backbone("vgg16", "none")
+
+
+def test_vgg16_taps_and_dims(vgg16):
+    taps = vgg16.taps()
+    assert [t for t in taps if t.startswith("conv")] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert taps["penultimate"] == taps["fc7"] == "classifier.4"
+    layers = vgg16.resolve(["penultimate", "conv5", "fc6", "conv3:grid3", "conv1:avgmax"])
+    dims = {layer.name: vgg16.output_shapes([layer.node])[layer.node] for layer in layers}
+    assert [layer.name for layer in layers] == ["conv1:avgmax", "conv3:grid3", "conv5:avg", "fc6", "fc7"]
+    assert dims["fc7"] == (1, 4096) and dims["conv5:avg"] == (1, 512, 7, 7)
+    codes = vgg16.extractor(layers)(torch.rand(2, 3, 224, 224))
+    assert {k: v.shape[1] for k, v in codes.items()} == {
+        "conv1:avgmax": 128, "conv3:grid3": 256 * 9, "conv5:avg": 512, "fc6": 4096, "fc7": 4096}
+    assert (codes["fc7"] >= 0).all()  # after ReLU: the classic CNN codes
+
+
+@pytest.mark.parametrize("name, penultimate, dim, early", [
+    ("resnet50", "avgpool", 2048, "layer1"),
+    ("mobilenet_v2", "avgpool", 1280, "features.3"),
+    ("efficientnet_b0", "avgpool", 1280, "features.2"),
+])
+def test_penultimate_is_the_input_of_the_classifier(name, penultimate, dim, early):
+    backbone = load_backbone(name, "none")
+    [pen, first] = backbone.resolve(["penultimate", early])[::-1]
+    assert pen.name == penultimate and pen.pooling == "none"
+    assert first.name == f"{early}:avg"
+    x = torch.rand(2, 3, 224, 224)
+    codes = backbone.extractor([pen])(x)[pen.name]
+    # the penultimate codes, fed to the model's own last Linear, give the model's logits
+    last_linear = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert codes.shape == (2, dim)
+    assert torch.allclose(last_linear(codes), backbone.model(x), atol=1e-4)
+
+
+def test_raw_graph_node_is_a_tap():
+    backbone = load_backbone("resnet18", "none")
+    [layer] = backbone.resolve(["layer3.1.relu_1:max"])
+    assert layer.node == "layer3.1.relu_1" and layer.name == "layer3.1.relu_1:max"
+
+
+def test_unknown_tap_names_choices_and_command(vgg16):
+    with pytest.raises(ModelError, match=r"no tap 'conv9'.*conv1.*pipeline taps vgg16"):
+        vgg16.resolve(["conv9"])
+
+
+def test_unknown_pooling_and_model():
+    with pytest.raises(ModelError, match="gridK"):
+        backbones.check_pooling("median")
+    with pytest.raises(ModelError, match=r"did you mean resnet50.*pipeline models"):
+        load_backbone("resnet5O", "none")
+
+
+def test_pooling_shapes_and_values():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert torch.equal(pool(x, "avg"), x.mean(dim=(2, 3)))
+    assert torch.equal(pool(x, "max"), x[:, :, 3, 3])
+    assert pool(x, "avgmax").shape == (2, 6)
+    assert torch.equal(pool(x, "grid2")[:, :4], torch.nn.functional.avg_pool2d(x, 2)[:, 0].flatten(1))
+    assert pool(torch.rand(2, 5, 7), "avg").shape == (2, 7)  # tokens [B, T, C]
+
+
+def test_random_weights_are_seeded_and_marked():
+    a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", "none")
+    assert a.weights == "random" and a.weights_tag == "random" and a.weights_sha256 == ""
+    assert torch.equal(a.model.conv1.weight, b.model.conv1.weight)
+
+
+def test_weights_file_loaded_with_sha(tmp_path):
+    model = get_model("resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), path)
+    backbone = load_backbone("resnet18", path)
+    assert torch.equal(backbone.model.fc.weight, model.fc.weight)
+    assert backbone.weights == "file" and len(backbone.weights_sha256) == 64
+    assert backbone.weights_tag == f"file-{backbone.weights_sha256[:8]}" == weights_tag("resnet18", path)
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_backbone("resnet18", tmp_path / "missing.pth")
+    wrong = tmp_path / "mnv2.pth"
+    torch.save(get_model("mobilenet_v2").state_dict(), wrong)
+    with pytest.raises(WeightsError, match=r"does not fit torchvision resnet18 .*missing.*MODEL="):
+        load_backbone("resnet18", wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a loadable state dict"):
+        load_backbone("resnet18", garbage)
+
+
+def test_pickled_object_is_refused(tmp_path):
+    """weights_only=True: a file that needs arbitrary unpickling is never executed."""
+    evil = tmp_path / "evil.pth"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, evil)
+    with pytest.raises(WeightsError, match="not a loadable state dict"):
+        load_backbone("resnet18", evil)
+
+
+def test_default_weights_offline_names_both_remedies(monkeypatch, tmp_path):
+    from urllib.error import URLError
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        load_backbone("resnet18", "default")
+    message = str(err.value)
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message  # where to put the file
+    assert "WEIGHTS=/path/to/resnet18.pth" in message and "\n" not in message
