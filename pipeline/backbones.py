@@ -35,6 +35,7 @@ class Layer:
     tap: str      # named tap or the user's node name
     node: str     # torchvision graph node
     pooling: str  # "none" for vectors, else one of POOLINGS with K filled in
+    depth: int    # position of the node in the forward graph (for plots against depth)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Backbone:
             shape = shapes[node]  # [1, C, H, W], [1, T, C] or [1, D]
             spatial = len(shape) == 3 or (len(shape) == 4 and shape[2] * shape[3] > 1)
             name = f"{tap}:{pooling}" if spatial else tap  # a vector needs no pooling: one layer
-            out.setdefault(name, Layer(name, tap, node, pooling if spatial else "none"))
+            out.setdefault(name, Layer(name, tap, node, pooling if spatial else "none", depth[node]))
         return list(out.values())
 
     def output_shapes(self, nodes):

@@ -194,7 +194,8 @@ def _open_writer(path, table, backbone, layers, settings, precision):
     with torch.inference_mode():
         dims = {name: v.shape[1] for name, v in extractor(torch.zeros(1, 3, backbone.input_size, backbone.input_size)).items()}
     layer_dims = {layer.name: (dims[layer.name], {"tap": layer.tap, "node": layer.node, "pooling": layer.pooling,
-                                                  "raw_shape": list(shapes[layer.node][1:])}) for layer in layers}
+                                                  "depth": layer.depth, "raw_shape": list(shapes[layer.node][1:])})
+                  for layer in layers}
     attrs = {**{k: v for k, v in settings.items() if k != "layers"},
              "settings": settings, "pooling": {layer.name: layer.pooling for layer in layers},
              "penultimate": backbone.resolve(["penultimate"])[0].name,

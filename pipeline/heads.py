@@ -41,8 +41,8 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
     so C means the same for every head; scales to caches that do not fit a solver.
     """
 
-    def __init__(self, C=1.0, epochs=40, batch_size=256, lr=1e-2, device="auto", random_state=0):
-        self.C, self.epochs, self.batch_size, self.lr = C, epochs, batch_size, lr
+    def __init__(self, C=1.0, epochs=40, min_steps=400, batch_size=256, lr=1e-2, device="auto", random_state=0):
+        self.C, self.epochs, self.min_steps, self.batch_size, self.lr = C, epochs, min_steps, batch_size, lr
         self.device, self.random_state = device, random_state
 
     def fit(self, X, y):
@@ -55,14 +55,15 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         X_t = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)  # [N, D]
         y_t = torch.as_tensor(y_index, device=device)                          # [N]
         n, d = X_t.shape
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            layer = torch.nn.Linear(d, len(self.classes_)).to(device)
+        layer = torch.nn.Linear(d, len(self.classes_)).to(device)
+        torch.nn.init.zeros_(layer.weight)  # convex problem: start where sklearn starts
+        torch.nn.init.zeros_(layer.bias)
         optimizer = torch.optim.Adam(layer.parameters(), lr=self.lr)
-        steps = self.epochs * -(-n // self.batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        batches = -(-n // self.batch_size)
+        epochs = max(self.epochs, -(-self.min_steps // batches))  # small sets still get enough steps
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
         penalty = 1.0 / (2.0 * self.C * n)
-        for _ in range(self.epochs):
+        for _ in range(epochs):
             for batch in torch.randperm(n, generator=generator).to(device).split(self.batch_size):
                 loss = torch.nn.functional.cross_entropy(layer(X_t[batch]), y_t[batch])
                 loss = loss + penalty * layer.weight.pow(2).sum()
@@ -144,6 +145,7 @@ def train_head(cache_file, layer, head, out_dir=None):
         layer = resolve_layer(cache, layer)
         X, y = cache.features(layer)
         split, ids, attrs, class_names = cache.split, cache.ids, cache.attrs, cache.class_names
+        depth = cache.layer_attrs(layer).get("depth")
     parts = {s: split == s for s in ("train", "val", "test")}
     for s, mask in parts.items():
         if not mask.any():
@@ -168,7 +170,7 @@ def train_head(cache_file, layer, head, out_dir=None):
         "dataset": attrs["dataset"], "layout": attrs.get("layout"), "dataset_root": attrs.get("dataset_root"),
         "model": attrs["model"], "weights": attrs["weights"],
         "weights_sha256": attrs.get("weights_sha256", ""), "layer": layer, "head": head,
-        "depth": _depth(attrs, layer), "pooling": attrs.get("pooling", {}).get(layer, "none"), "precision": attrs.get("precision"),
+        "depth": depth, "pooling": attrs.get("pooling", {}).get(layer, "none"), "precision": attrs.get("precision"),
         "dim": int(X.shape[1]), "n_train": int(parts["train"].sum()), "n_val": int(parts["val"].sum()),
         "n_test": int(parts["test"].sum()), "C": C, "val_accuracy": grid[C],
         "grid": [{"C": c, "val_accuracy": grid[c]} for c in sorted(grid)],
@@ -188,14 +190,13 @@ def train_head(cache_file, layer, head, out_dir=None):
                scaler_mean=scaler.mean_, scaler_scale=scaler.scale_,
                attrs={"head": head, "layer": layer, "C": C, "class_names": class_names,
                       "score": "margin" if head == "svm" else "probability", "provenance": provenance})
+    if result_file.exists():  # a sweep's choice stays with its layer when the head is retrained
+        try:
+            result["chosen"] = bool(json.loads(result_file.read_text())["chosen"])
+        except (ValueError, KeyError, TypeError):
+            pass
     result_file.write_text(json.dumps(result, indent=2))
     return result
-
-
-def _depth(attrs, layer):
-    """Position of the layer in forward order among the cache's layers (for depth plots)."""
-    order = attrs.get("settings", {}).get("layers", [])
-    return order.index(layer) if layer in order else None
 
 
 def resolve_layer(cache, layer):

@@ -38,17 +38,19 @@ def backbone_for(head, weights=None):
     if weights is None:
         weights = {"file": info.get("weights_source"), "random": "none"}.get(info["weights"], "default")
     backbone = load_backbone(info["model"], weights)
-    if info.get("weights_sha256") and backbone.weights_sha256 and backbone.weights_sha256 != info["weights_sha256"]:
-        raise WeightsError(f"weights {weights} (sha256 {backbone.weights_sha256[:12]}) are not those the head was "
-                           f"trained on ({info['weights_sha256'][:12]}); pass the original file with --weights")
+    expected = info.get("weights_sha256") or info["weights"]
+    actual = backbone.weights_sha256 or backbone.weights
+    if expected != actual and not (backbone.weights == info["weights"] and not backbone.weights_sha256):
+        raise WeightsError(f"weights {weights} ({actual[:12]}) are not those the head was trained on "
+                           f"({expected[:12]}); pass the original weights with --weights")
     return backbone
 
 
 def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None):
     """Write `path,label,score` for every image; returns the number classified."""
     head = LinearHead(head_file)
-    backbone = backbone_for(head, weights)
     paths = list_images(inputs)
+    backbone = backbone_for(head, weights)
     table = ImageTable("predict", "files", Path("."), [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
                        head.class_names, np.array(["test"] * len(paths)), "none", "")
     [layer] = backbone.resolve([head.layer])

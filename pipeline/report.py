@@ -96,8 +96,8 @@ def sort_key(run):
 
 
 def best_run(runs):
-    """The run with the highest validation accuracy; ties go to the first (runs come sorted)."""
-    return max(runs, key=lambda run: run["val_accuracy"])  # max keeps the first of equals
+    """The run with the highest validation accuracy; ties go to a sweep's chosen layer, then the first."""
+    return max(runs, key=lambda run: (run["val_accuracy"], bool(run.get("chosen"))))  # max keeps the first of equals
 
 
 def depth_groups(runs):
@@ -237,15 +237,18 @@ def thumbnail_strip(run, data_dir, path, limit=STRIP_SIZE):
             if len(shown) == limit:
                 break
     except Exception as e:  # noqa: BLE001 - a missing thumbnail must not sink the report
-        return f"images not loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"images not loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
     if not shown:
         return "none of the misclassified ids were found in the data set with the same label"
-    fig, axes = plt.subplots(1, len(shown), figsize=(1.7 * len(shown), 2.3), squeeze=False)
-    for ax, (image, m) in zip(axes[0], shown):
-        image.thumbnail((160, 160))
+    cols = min(6, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, m) in zip(axes.flat, shown):
+        image.thumbnail((128, 128))
         ax.imshow(image, interpolation="nearest" if max(image.size) < 64 else "antialiased")
         ax.set_title(f"true: {str(m.get('true'))[:14]}\npred: {str(m.get('predicted'))[:14]}", fontsize=8)
-        ax.axis("off")
     _save(fig, path)
     return None
 

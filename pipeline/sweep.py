@@ -38,7 +38,7 @@ def run_sweep(table, backbone, features_dir, head="softmax", pooling="avg", on_l
         results.append(result)
         if on_layer:
             on_layer(result)
-    chosen = max(results, key=lambda r: (r["val_accuracy"], r["depth"] or 0))["layer"]
+    chosen = max(results, key=lambda r: (r["val_accuracy"], r["depth"]))["layer"]
     for result in results:
         result["chosen"] = result["layer"] == chosen
         Path(head_paths(Path(extracted.path).parent / "heads", extracted.path, result["layer"], head)[1]).write_text(

@@ -1,0 +1,201 @@
+"""pipeline.report on hand-made result JSONs: tables, best-on-val, plots, thumbnails, bad input."""
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+from pipeline.errors import PipelineError
+from pipeline.report import best_run, collect_runs, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOYS = ["cat", "dog"]
+SHAPES = ["<circle>", "square", "triangle"]  # "<circle>" checks HTML escaping
+
+# (dataset, model, weights, layer, head, depth, val, test, extra)
+RUNS = [
+    ("toys", "resnet18", "IMAGENET1K_V1", "layer2:avg", "softmax", 0, 0.80, 0.85, {}),
+    # chosen on val by the sweep, and the best val of toys, but not the best test
+    ("toys", "resnet18", "IMAGENET1K_V1", "layer3:avg", "softmax", 1, 0.90, 0.70, {"chosen": True}),
+    ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "softmax", 2, 0.85, 0.95, {"chosen": False}),
+    ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "svm", 2, 0.88, 0.99, {}),
+    ("toys", "resnet18", "random", "avgpool", "softmax", 2, 0.50, 0.50, {}),
+    ("shapes", "vgg16", "IMAGENET1K_V1", "features.10:avg", "softmax", 0, 0.60, 0.65, {}),
+    ("shapes", "vgg16", "IMAGENET1K_V1", "classifier.4", "softmax", 1, 0.70, 0.60, {}),
+    ("shapes", "vgg16", "IMAGENET1K_V1", "classifier.4", "svm", 1, 0.70, 0.90, {}),  # val tie: softmax sorts first
+]
+
+
+def make_result(dataset, model, weights, layer, head, depth, val, test, extra, root):
+    names = TOYS if dataset == "toys" else SHAPES
+    k = len(names)
+    result = {
+        "dataset": dataset, "layout": "imagefolder", "dataset_root": str(root), "model": model,
+        "weights": weights, "weights_sha256": "", "layer": layer, "head": head, "depth": depth,
+        "pooling": layer.split(":")[1] if ":" in layer else "none", "precision": "fp32", "dim": 64,
+        "n_train": 12, "n_val": 6, "n_test": 6, "C": 0.01, "val_accuracy": val,
+        "grid": [{"C": 0.01, "val_accuracy": val}], "test_accuracy": test, "test_balanced_accuracy": test,
+        "test_macro_f1": test, "confusion_matrix": [[3 if i == j else 0 for j in range(k)] for i in range(k)],
+        "per_class": [{"class": n, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 3} for n in names],
+        "class_names": names, "select_seconds": 0.1, "fit_seconds": 0.01,
+        "misclassified": [{"id": "test/cat/0.png", "true": "cat", "predicted": "dog"},
+                          {"id": "test/dog/1.png", "true": "dog", "predicted": "cat"},
+                          {"id": "test/gone.png", "true": "cat", "predicted": "dog"}],
+        "cache": f"features/{dataset}/{model}-{weights}.h5",
+        "head_file": f"features/{dataset}/heads/{model}-{weights}.{layer}.{head}.h5",
+        "extract_images_per_s": 100.0, "created": "2026-01-01T00:00:00+00:00",
+    }
+    return {**result, **extra}
+
+
+def make_image_folder(root):
+    """A tiny ImageFolder data set: train/ val/ test/ x cat/ dog/ x two 16x16 PNGs."""
+    for split in ("train", "val", "test"):
+        for c, name in enumerate(TOYS):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (200 * c, 100 + 50 * i, 50)).save(root / split / name / f"{i}.png")
+
+
+def write_features(features, data):
+    for run in RUNS:
+        dataset, model, weights, layer, head = run[:5]
+        root = data / "toys" if dataset == "toys" else data / "no-such-folder"
+        heads = features / dataset / "heads"
+        heads.mkdir(parents=True, exist_ok=True)
+        result = make_result(*run, root=root)
+        (heads / f"{model}-{weights}.{layer.replace(':', '-')}.{head}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    make_image_folder(tmp / "data" / "toys")
+    write_features(tmp / "features", tmp / "data")
+    (tmp / "features" / "toys" / "heads" / "broken.json").write_text("{not json")
+    (tmp / "features" / "shapes" / "heads" / "partial.json").write_text(json.dumps({"dataset": "shapes"}))
+    (tmp / "features" / "shapes" / "heads" / "model.pkl").write_bytes(b"\x80\x04never loaded")
+    table, paths = write_report(tmp / "features", tmp / "reports", tmp / "data")
+    return {"table": table, "paths": paths, "dir": tmp / "reports", "features": tmp / "features"}
+
+
+def test_runs_json_has_one_entry_per_run_with_fields(report):
+    runs = json.loads((report["dir"] / "runs.json").read_text())
+    assert len(runs) == len(RUNS)
+    for key in ("dataset", "model", "weights", "layer", "head", "n_train", "n_val", "n_test", "val_accuracy",
+                "test_accuracy", "pooling", "dim", "C", "test_balanced_accuracy", "test_macro_f1", "head_file"):
+        assert all(key in run for run in runs), key
+    keys = [(r["dataset"], r["model"], r["weights"], r["head"], r["depth"]) for r in runs]
+    assert keys == sorted(keys)
+    chosen = {(r["dataset"], r["weights"], r["layer"], r["head"]): r["chosen"] for r in runs if "chosen" in r}
+    assert chosen == {("toys", "IMAGENET1K_V1", "layer3:avg", "softmax"): True,
+                      ("toys", "IMAGENET1K_V1", "avgpool", "softmax"): False}
+
+
+def test_best_run_is_chosen_on_val_not_test(report):
+    runs, _ = collect_runs(report["features"])
+    toys = [r for r in runs if r["dataset"] == "toys"]
+    best = best_run(toys)
+    assert (best["layer"], best["head"], best["test_accuracy"]) == ("layer3:avg", "softmax", 0.70)
+    assert best["test_accuracy"] < max(r["test_accuracy"] for r in toys)
+    tie = best_run([r for r in runs if r["dataset"] == "shapes"])
+    assert (tie["layer"], tie["head"]) == ("classifier.4", "softmax")  # first in sort order
+    md = (report["dir"] / "report.md").read_text()
+    assert "Best on val: resnet18, IMAGENET1K_V1, layer3:avg, softmax" in md
+
+
+def test_random_weights_are_marked_everywhere(report):
+    assert "random (untrained)" in report["table"]
+    assert "random (untrained)" in (report["dir"] / "report.md").read_text()
+    assert "random (untrained)" in (report["dir"] / "index.html").read_text()
+
+
+def test_markdown_table_has_one_row_per_run(report):
+    lines = (report["dir"] / "report.md").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| dataset")))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert len(table) == 2 + len(RUNS)
+    assert all(line.count(" | ") == table[0].count(" | ") for line in table)
+
+
+def test_text_table_has_one_row_per_run_and_warnings(report):
+    lines = report["table"].splitlines()
+    assert lines[0].split()[:3] == ["dataset", "model", "weights"]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(lines) == 2 + len(RUNS) + len(warnings)
+    assert any("broken.json" in w and "not readable JSON" in w for w in warnings)
+    assert any("partial.json" in w and "lacks" in w for w in warnings)
+    assert all(w.count("\n") == 0 for w in warnings)
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_html_is_self_contained_and_every_image_is_a_png(report):
+    text = (report["dir"] / "index.html").read_text()
+    page = Page()
+    page.feed(text)
+    page.close()
+    assert "script" not in page.tags and "link" not in page.tags
+    assert page.images
+    for src in page.images:
+        assert "/" not in src and ":" not in src  # relative, next to index.html
+        assert (report["dir"] / src).read_bytes()[:8] == PNG_SIGNATURE, src
+    assert "&lt;circle&gt;" in text and "<circle>" not in text
+    written = {Path(p).name for p in report["paths"]}
+    assert set(page.images) <= written and {"runs.json", "report.md", "index.html"} <= written
+
+
+def test_depth_plot_only_for_groups_with_two_or_more_layers(report):
+    plots = {p.name for p in report["dir"].glob("*-depth.png")}
+    assert plots == {"toys-resnet18-IMAGENET1K_V1-softmax-depth.png", "shapes-vgg16-IMAGENET1K_V1-softmax-depth.png"}
+
+
+def test_misclassified_strip_from_the_image_folder(report):
+    strip = report["dir"] / "toys-misclassified.png"
+    assert strip.read_bytes()[:8] == PNG_SIGNATURE
+    assert strip.name in (report["dir"] / "index.html").read_text()
+    # shapes' dataset_root does not exist and data_dir has no shapes/: no strip, said on the page
+    assert not (report["dir"] / "shapes-misclassified.png").exists()
+    assert "No thumbnails" in (report["dir"] / "index.html").read_text()
+
+
+def test_no_results_is_a_pipeline_error(tmp_path):
+    with pytest.raises(PipelineError, match="no trained heads.*make train-head"):
+        write_report(tmp_path / "features", tmp_path / "reports")
+    heads = tmp_path / "features" / "toys" / "heads"
+    heads.mkdir(parents=True)
+    (heads / "bad.json").write_text("[1, 2")
+    with pytest.raises(PipelineError, match="1 unusable"):
+        write_report(tmp_path / "features", tmp_path / "reports")
+
+
+def test_cli_report(report, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["report", "--features-dir", str(report["features"]), "--reports-dir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "random (untrained)" in ok.output and "index.html" in ok.output
+    empty = runner.invoke(cli, ["report", "--features-dir", str(tmp_path / "none"), "--reports-dir", str(tmp_path)])
+    assert empty.exit_code == 1 and "no trained heads" in empty.output
+
+
+def test_report_does_not_import_torch():
+    code = "import sys, pipeline.report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

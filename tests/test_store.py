@@ -1,0 +1,486 @@
+"""store.py: feature caches (write, resume, read, refuse) and head files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.errors import CacheError, IncompleteCacheError
+from pipeline.store import (CACHE_FORMAT, HEAD_FORMAT, CacheWriter, FeatureCache, partial_path,
+                            read_cache_settings, read_head, write_head)
+
+REPO = Path(__file__).resolve().parents[1]
+N = 11
+IDS = ["images/café.jpg", "images/b.jpg", "images/日本.png"] + [f"images/{i}.jpg" for i in range(3, N)]
+LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1], dtype=np.int64)
+SPLIT = ["train", "val", "test", "train", "train", "val", "test", "train", "train", "train", "test"]
+CLASS_NAMES = ["bus", "car", "ámbulance"]
+DIMS = {"pool": 6, "mid": 3}
+SETTINGS = {"dataset": "veh", "model": "mobilenet_v2", "precision": "fp32", "layers": ["pool", "mid"]}
+ATTRS = {"settings": SETTINGS, "model": "mobilenet_v2", "pooling": {"pool": "avg", "mid": "max"},
+         "versions": {"numpy": "2.0"}, "batch_size": 32, "images_per_s": 12.5, "complete_note": "[not json",
+         "transform": "Resize(256) CenterCrop(224)"}
+LAYER_ATTRS = {"pool": {"node": "classifier.0", "pooling": "avg", "raw_shape": [6]},
+               "mid": {"node": "features.3", "pooling": "max", "raw_shape": (3, 4, 4)}}
+
+
+def codes(seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal((N, d)).astype(np.float32) for name, d in DIMS.items()}
+
+
+def create(path, **overrides):
+    kwargs = dict(ids=IDS, labels=LABELS, split=SPLIT, class_names=CLASS_NAMES,
+                  layer_dims={name: (d, LAYER_ATTRS[name]) for name, d in DIMS.items()}, attrs=ATTRS)
+    kwargs.update(overrides)
+    return CacheWriter.create(path, **kwargs)
+
+
+def append_rows(writer, values, start, stop, batch=4):
+    for lo in range(start, stop, batch):
+        hi = min(lo + batch, stop)
+        writer.append({name: v[lo:hi] for name, v in values.items()})
+
+
+def build_cache(path, values=None, batch=4, finish_attrs=None):
+    values = codes() if values is None else values
+    writer = create(path)
+    append_rows(writer, values, 0, N, batch)
+    writer.finish(finish_attrs or {"seconds": 1.5, "device": "cpu: test"})
+    return values
+
+
+# ---------------------------------------------------------------------------
+# Round trip
+
+
+def test_round_trip_rows_labels_ids_split(tmp_path):
+    path = tmp_path / "veh" / "m.h5"
+    values = build_cache(path, batch=4)  # batches of 4, 4, 3
+    with FeatureCache(path) as cache:
+        assert sorted(cache.layers) == ["mid", "pool"]
+        for name in DIMS:
+            got, labels = cache.features(name)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, values[name])
+            np.testing.assert_array_equal(labels, LABELS)
+        np.testing.assert_array_equal(cache.labels, LABELS)
+        assert list(cache.ids) == IDS
+        assert cache.ids[0] == "images/café.jpg" and isinstance(cache.ids[0], str)
+        assert list(cache.split) == SPLIT
+        assert cache.class_names == CLASS_NAMES
+
+
+def test_round_trip_attrs_types(tmp_path):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with FeatureCache(path) as cache:
+        a = cache.attrs
+        assert a["settings"] == SETTINGS                      # JSON -> dict
+        assert a["pooling"] == {"pool": "avg", "mid": "max"}
+        assert a["versions"] == {"numpy": "2.0"}
+        assert a["class_names"] == CLASS_NAMES               # JSON -> list
+        assert a["model"] == "mobilenet_v2" and isinstance(a["model"], str)
+        assert a["transform"] == "Resize(256) CenterCrop(224)"
+        assert a["complete_note"] == "[not json"              # looks like JSON, is not: kept as text
+        assert a["batch_size"] == 32 and isinstance(a["batch_size"], int)
+        assert a["images_per_s"] == 12.5 and isinstance(a["images_per_s"], float)
+        assert a["seconds"] == 1.5 and a["device"] == "cpu: test"  # from finish()
+        assert a["format"] == CACHE_FORMAT
+        assert a["complete"] is True
+        assert a["n_rows"] == N and a["n_done"] == N
+
+
+def test_round_trip_layer_attrs(tmp_path):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with FeatureCache(path) as cache:
+        assert cache.layer_attrs("pool") == {"node": "classifier.0", "pooling": "avg", "raw_shape": [6]}
+        assert cache.layer_attrs("mid") == {"node": "features.3", "pooling": "max", "raw_shape": [3, 4, 4]}
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_features_of_one_split_in_order(tmp_path, split):
+    path = tmp_path / "m.h5"
+    values = build_cache(path)
+    rows = [i for i, s in enumerate(SPLIT) if s == split]
+    with FeatureCache(path) as cache:
+        got, labels = cache.features("pool", split)
+    np.testing.assert_array_equal(got, values["pool"][rows])
+    np.testing.assert_array_equal(labels, LABELS[rows])
+
+
+def test_layers_are_chunked_and_extendable(tmp_path):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with h5py.File(path, "r") as h5:
+        for name, d in DIMS.items():
+            ds = h5["layers"][name]
+            assert ds.shape == (N, d)
+            assert ds.maxshape == (None, d)
+            assert ds.chunks is not None and ds.chunks[1] == d
+
+
+@pytest.mark.parametrize("dim", [1, 1280, 25088])
+def test_chunk_size_within_h5py_advice(tmp_path, dim):
+    path = tmp_path / "m.h5"
+    writer = CacheWriter.create(path, ids=["a"], labels=[0], split=["train"], class_names=["x"],
+                                layer_dims={"l": (dim, {})}, attrs={})
+    chunks = writer.h5["layers"]["l"].chunks
+    writer.close()
+    assert chunks[1] == dim
+    assert 10 * 1024 <= 4 * chunks[0] * dim <= 1024 * 1024
+
+
+# ---------------------------------------------------------------------------
+# Partial files, interruption and resume
+
+
+def test_final_file_appears_only_on_finish(tmp_path):
+    path = tmp_path / "m.h5"
+    values = codes()
+    writer = create(path)
+    assert partial_path(path).exists() and not path.exists()
+    append_rows(writer, values, 0, N)
+    assert writer.n_done == N
+    assert not path.exists()
+    writer.finish({})
+    assert path.exists() and not partial_path(path).exists()
+
+
+def test_reading_an_interrupted_cache_says_how_to_resume(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, codes(), 0, 4)
+    writer.close()  # interrupted
+    with pytest.raises(IncompleteCacheError) as e:
+        FeatureCache(path)
+    message = str(e.value)
+    assert "4 of 11" in message
+    assert "re-run the same `make extract`" in message and "resume" in message
+    assert str(path) in message
+
+
+def test_reading_while_the_writer_is_still_open(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, codes(), 0, 8)
+    try:
+        with pytest.raises(IncompleteCacheError, match="8 of 11"):
+            FeatureCache(path)
+    finally:
+        writer.close()
+
+
+def test_resume_continues_and_equals_uninterrupted(tmp_path):
+    values = codes(5)
+    whole = tmp_path / "whole.h5"
+    build_cache(whole, values, batch=5, finish_attrs={"seconds": 2.0})
+
+    path = tmp_path / "resumed.h5"
+    writer = create(path)
+    append_rows(writer, values, 0, 7, batch=3)  # batches of 3, 3, 1
+    writer.close()
+    writer = CacheWriter.resume(path)
+    assert writer.n_done == 7
+    assert writer.settings == SETTINGS
+    append_rows(writer, values, 7, N, batch=3)
+    writer.finish({"seconds": 2.0})
+
+    with FeatureCache(whole) as a, FeatureCache(path) as b:
+        for name in DIMS:
+            np.testing.assert_array_equal(a.features(name)[0], b.features(name)[0])
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert list(a.ids) == list(b.ids) and list(a.split) == list(b.split)
+        assert a.attrs == b.attrs
+
+
+def test_resume_after_a_half_written_batch(tmp_path):
+    """Killed after a layer grew but before n_done moved: the next append overwrites it."""
+    values = codes(2)
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, values, 0, 4)
+    ds = writer.h5["layers"]["pool"]
+    ds.resize(8, axis=0)
+    ds[4:8] = 999.0  # garbage the crash left behind
+    writer.close()
+    writer = CacheWriter.resume(path)
+    assert writer.n_done == 4
+    append_rows(writer, values, 4, N)
+    writer.finish({})
+    with FeatureCache(path) as cache:
+        np.testing.assert_array_equal(cache.features("pool")[0], values["pool"])
+        np.testing.assert_array_equal(cache.features("mid")[0], values["mid"])
+
+
+def test_create_over_an_old_partial_starts_afresh(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, codes(1), 0, 4)
+    writer.close()
+    writer = create(path)
+    assert writer.n_done == 0
+    values = codes(3)
+    append_rows(writer, values, 0, N)
+    writer.finish({})
+    with FeatureCache(path) as cache:
+        np.testing.assert_array_equal(cache.features("pool")[0], values["pool"])
+
+
+# ---------------------------------------------------------------------------
+# Refusals
+
+
+def test_finish_with_rows_missing(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, codes(), 0, 8)
+    with pytest.raises(CacheError) as e:
+        writer.finish({})
+    writer.close()
+    assert "8 of 11" in str(e.value)
+    assert not path.exists()
+    with pytest.raises(IncompleteCacheError):
+        FeatureCache(path)
+
+
+def test_unknown_layer_lists_the_layers(tmp_path):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with FeatureCache(path) as cache:
+        with pytest.raises(CacheError) as e:
+            cache.features("features.99")
+    message = str(e.value)
+    assert "'features.99'" in message
+    assert "pool" in message and "mid" in message
+
+
+def test_no_cache_at_all(tmp_path):
+    with pytest.raises(CacheError) as e:
+        FeatureCache(tmp_path / "none.h5")
+    assert not isinstance(e.value, IncompleteCacheError)
+    assert "make extract" in str(e.value)
+
+
+def test_non_hdf5_file_is_a_cache_error(tmp_path):
+    path = tmp_path / "m.h5"
+    path.write_bytes(b"this is not an HDF5 file\n" * 20)
+    with pytest.raises(CacheError) as e:
+        FeatureCache(path)
+    message = str(e.value)
+    assert not isinstance(e.value, OSError)
+    assert str(path) in message
+    assert "delete it" in message and "make extract" in message
+
+
+def test_hdf5_without_format_is_refused(tmp_path):
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as h5:
+        h5.attrs["complete"] = True
+        h5.create_dataset("labels", data=np.zeros(3, np.int64))
+    with pytest.raises(CacheError) as e:
+        FeatureCache(path)
+    assert CACHE_FORMAT in str(e.value) and "make extract" in str(e.value)
+
+
+def test_hdf5_with_other_format_is_refused(tmp_path):
+    path = tmp_path / "m.h5"
+    write_head(path, coef=np.ones((2, 3)), intercept=np.zeros(2), scaler_mean=np.zeros(3),
+               scaler_scale=np.ones(3), attrs={})
+    with pytest.raises(CacheError, match="not a complete"):
+        FeatureCache(path)
+
+
+def test_incomplete_file_under_the_final_name_is_refused(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, codes(), 0, 5)
+    writer.close()
+    os.replace(partial_path(path), path)  # e.g. someone renamed a .partial by hand
+    with pytest.raises(CacheError) as e:
+        FeatureCache(path)
+    assert "not a complete" in str(e.value) and "delete it" in str(e.value)
+
+
+@pytest.mark.xfail(reason="FeatureCache opens a leftover .partial with bare h5py.File, so a corrupt "
+                          ".partial raises OSError, not a CacheError with a remedy", strict=True)
+def test_corrupt_partial_is_a_cache_error(tmp_path):
+    path = tmp_path / "m.h5"
+    partial_path(path).write_bytes(b"\x89HDF\r\n\x1a\n truncated by a crash" * 10)
+    with pytest.raises(CacheError) as e:
+        FeatureCache(path)
+    assert "make extract" in str(e.value)
+
+
+WRITER = """
+import sys, numpy as np
+from pipeline.store import CacheWriter
+w = CacheWriter.create(sys.argv[1], ids=["a", "b"], labels=[0, 1], split=["train", "test"],
+                       class_names=["x", "y"], layer_dims={"l": (4, {})}, attrs={})
+w.append({"l": np.ones((1, 4), np.float32)})
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.xfail(reason="while `make extract` holds the .partial open in another process, HDF5's file "
+                          "lock makes FeatureCache raise BlockingIOError instead of IncompleteCacheError",
+                   strict=True)
+def test_reading_while_another_process_extracts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "TRUE")
+    path = tmp_path / "m.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "TRUE"}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(IncompleteCacheError, match="1 of 2"):
+            FeatureCache(path)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# read_cache_settings
+
+
+def test_read_cache_settings(tmp_path):
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    assert read_cache_settings(partial_path(path)) == SETTINGS
+    append_rows(writer, codes(), 0, N)
+    writer.finish({})
+    assert read_cache_settings(path) == SETTINGS
+
+
+def test_read_cache_settings_unreadable_is_none(tmp_path):
+    assert read_cache_settings(tmp_path / "missing.h5") is None
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x00garbage" * 50)
+    assert read_cache_settings(garbage) is None
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as h5:
+        h5.attrs["format"] = CACHE_FORMAT
+    assert read_cache_settings(bare) is None
+
+
+# ---------------------------------------------------------------------------
+# Head files
+
+
+def head_arrays(k=3, d=5):
+    rng = np.random.default_rng(7)
+    return {"coef": rng.standard_normal((k, d)).astype(np.float32),
+            "intercept": rng.standard_normal(k).astype(np.float32),
+            "scaler_mean": rng.standard_normal(d),
+            "scaler_scale": rng.random(d) + 0.5}
+
+
+def test_head_round_trip(tmp_path):
+    path = tmp_path / "heads" / "h.h5"
+    arrays = head_arrays()
+    attrs = {"class_names": ["a", "b", "ç"], "layer": "pool", "C": 0.5, "n_train": 70,
+             "grid": [{"C": 0.1, "val_accuracy": 0.8}], "dataset": "veh"}
+    write_head(path, **arrays, attrs=attrs)
+    assert not path.with_name("h.h5.partial").exists()
+    got, got_attrs = read_head(path)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(got[key], value)
+    assert got["coef"].dtype == np.float32 and got["scaler_mean"].dtype == np.float64
+    assert got_attrs["class_names"] == ["a", "b", "ç"]
+    assert got_attrs["grid"] == [{"C": 0.1, "val_accuracy": 0.8}]
+    assert got_attrs["layer"] == "pool" and got_attrs["dataset"] == "veh"
+    assert got_attrs["C"] == 0.5 and got_attrs["n_train"] == 70
+    assert got_attrs["format"] == HEAD_FORMAT
+
+
+def test_read_head_missing_file(tmp_path):
+    with pytest.raises(CacheError) as e:
+        read_head(tmp_path / "nope.h5")
+    assert "nope.h5" in str(e.value) and "make train-head" in str(e.value)
+
+
+def test_read_head_on_a_feature_cache(tmp_path):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with pytest.raises(CacheError) as e:
+        read_head(path)
+    assert HEAD_FORMAT in str(e.value) and "make train-head" in str(e.value)
+
+
+@pytest.mark.xfail(reason="read_head opens through _open_h5, whose remedy for a non-HDF5 file is "
+                          "`make extract`, not `make train-head`", strict=True)
+def test_read_head_on_a_non_hdf5_file(tmp_path):
+    path = tmp_path / "h.h5"
+    path.write_text("coef=1,2,3\n")
+    with pytest.raises(CacheError) as e:
+        read_head(path)
+    assert "make train-head" in str(e.value)
+
+
+@pytest.mark.parametrize("missing", ["coef", "intercept", "scaler_mean", "scaler_scale"])
+def test_read_head_with_a_missing_dataset(tmp_path, missing):
+    path = tmp_path / "h.h5"
+    write_head(path, **head_arrays(), attrs={})
+    with h5py.File(path, "r+") as h5:
+        del h5[missing]
+    with pytest.raises(CacheError) as e:
+        read_head(path)
+    assert missing in str(e.value) and "make train-head" in str(e.value)
+
+
+@pytest.mark.parametrize("change", [
+    {"intercept": np.zeros(4)},
+    {"scaler_mean": np.zeros(6)},
+    {"scaler_scale": np.ones(4)},
+    {"coef": np.ones(5)},
+    {"coef": np.ones((0, 5)), "intercept": np.zeros(0)},
+])
+def test_read_head_inconsistent_shapes(tmp_path, change):
+    path = tmp_path / "h.h5"
+    write_head(path, **{**head_arrays(), **change}, attrs={})
+    with pytest.raises(CacheError) as e:
+        read_head(path)
+    assert "inconsistent shapes" in str(e.value) and "make train-head" in str(e.value)
+
+
+@pytest.mark.xfail(reason="write_head accepts a scalar intercept, and read_head's `h5[key][:]` on the "
+                          "scalar dataset raises ValueError instead of the inconsistent-shapes CacheError",
+                   strict=True)
+def test_read_head_scalar_intercept(tmp_path):
+    path = tmp_path / "h.h5"
+    write_head(path, **{**head_arrays(k=1), "intercept": 0.5}, attrs={})
+    with pytest.raises(CacheError, match="make train-head"):
+        read_head(path)
+
+
+def test_attrs_that_look_like_code_are_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    path = tmp_path / "h.h5"
+    write_head(path, **head_arrays(), attrs={"note": code, "meta": {"cmd": code}, "list": [code]})
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["raw"] = "[" + code + "]"          # not JSON: must stay text
+        h5.attrs["bytes"] = np.bytes_(code.encode())  # fixed-length bytes attribute
+    _, attrs = read_head(path)
+    assert attrs["note"] == code and isinstance(attrs["note"], str)
+    assert attrs["meta"] == {"cmd": code}
+    assert attrs["list"] == [code]
+    assert attrs["raw"] == "[" + code + "]"
+    assert attrs["bytes"] == code
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(reason="_from_attr parses every string that starts with { or [ as JSON, so a plain "
+                          "string attribute such as '[1, 2]' comes back as a list", strict=True)
+def test_plain_string_that_is_valid_json_stays_a_string(tmp_path):
+    path = tmp_path / "h.h5"
+    write_head(path, **head_arrays(), attrs={"note": "[1, 2]"})
+    _, attrs = read_head(path)
+    assert attrs["note"] == "[1, 2]"
