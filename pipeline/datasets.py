@@ -147,10 +147,10 @@ def draw_splits(labels, seed, given=None):
 def _csv_images(name, root, seed):
     csv_path = sorted(root.glob("*.csv"))[0]
     with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+        rows = [row for row in csv.reader(f) if any(field.strip() for field in row)]
     if len(rows) < 2 or len(rows[0]) < 2:
         raise DataError(f"{csv_path}: needs a header and rows of `file,label`")
-    header, rows = rows[0], [r for r in rows[1:] if r]
+    header, rows = rows[0], rows[1:]
     images = root / "images"
     file_col = next((c for c in range(len(header)) if (images / rows[0][c]).is_file()), None)
     if file_col is None:

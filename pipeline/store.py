@@ -63,11 +63,14 @@ def _read_attrs(node):
     return {key: _from_attr(value) for key, value in node.attrs.items()}
 
 
-def _open_h5(path, mode):
+def _open_h5(path, mode, remedy="delete it and run `make extract` again"):
     try:
         return h5py.File(path, mode)
+    except BlockingIOError:
+        raise CacheError(f"{path}: in use by another process (a running `make extract`?); "
+                         "wait for it to finish, then try again") from None
     except OSError as e:
-        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it and run `make extract` again") from None
+        raise CacheError(f"{path}: not a readable HDF5 file ({e}); {remedy}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +152,17 @@ class CacheWriter:
             self.h5.close()
 
 
+def _progress(partial):
+    """(rows done, rows in all) of a partial cache, even while a writer holds it; (None, None) if unreadable."""
+    for options in ({}, {"locking": False}):  # a writer in another process holds HDF5's file lock
+        try:
+            with h5py.File(partial, "r", **options) as h5:
+                return int(h5.attrs["n_done"]), int(h5.attrs["n_rows"])
+        except (OSError, KeyError):
+            continue
+    return None, None
+
+
 class FeatureCache:
     """A finished feature cache, open for reading. Use as a context manager."""
 
@@ -157,8 +171,11 @@ class FeatureCache:
         if not self.path.exists():
             tmp = partial_path(self.path)
             if tmp.exists():
-                with h5py.File(tmp, "r") as h5:
-                    done, total = int(h5.attrs["n_done"]), int(h5.attrs["n_rows"])
+                done, total = _progress(tmp)
+                if done is None:
+                    raise IncompleteCacheError(
+                        f"{self.path}: not finished ({tmp} is being written or was cut off); wait for the "
+                        "running `make extract`, or re-run the same `make extract` command")
                 raise IncompleteCacheError(
                     f"{self.path}: extraction stopped after {done} of {total} images; "
                     "re-run the same `make extract` command to resume it"
@@ -231,11 +248,11 @@ def read_head(path):
     path = Path(path)
     if not path.exists():
         raise CacheError(f"{path}: no such head file; train one with `make train-head`")
-    with _open_h5(path, "r") as h5:
+    with _open_h5(path, "r", remedy="train it again with `make train-head`") as h5:
         if h5.attrs.get("format") != HEAD_FORMAT:
             raise CacheError(f"{path}: not a {HEAD_FORMAT} file; train one with `make train-head`")
         try:
-            arrays = {key: h5[key][:] for key in ("coef", "intercept", "scaler_mean", "scaler_scale")}
+            arrays = {key: np.asarray(h5[key][()]) for key in ("coef", "intercept", "scaler_mean", "scaler_scale")}
         except KeyError as e:
             raise CacheError(f"{path}: head file lacks {e}; train it again with `make train-head`") from None
         attrs = _read_attrs(h5)

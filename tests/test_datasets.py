@@ -521,9 +521,6 @@ def test_error_csv_label_column_ambiguous(tmp_path):
     assert "label" in message  # says which names work
 
 
-@pytest.mark.xfail(reason="_csv_images: a CSV with a header and only blank lines passes the "
-                          "`len(rows) < 2` check, then rows[0] raises IndexError instead of DataError",
-                   strict=True)
 def test_error_csv_header_and_blank_line_only(tmp_path):
     root = tmp_path / "veh"
     (root / "images").mkdir(parents=True)

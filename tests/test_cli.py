@@ -1,0 +1,58 @@
+"""The CLI: thin commands, one-line errors that say what to do, never a traceback."""
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_image
+from pipeline.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[-1]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    assert "did you mean resnet50" in one_line_error(invoke("extract", "--dataset", "digits", "--model", "resnet5O"))
+    assert "DATA_DIR" in one_line_error(invoke("extract", "--dataset", "nope", "--data-dir", tmp_path))
+    message = one_line_error(invoke("train-head", "--dataset", "nope", "--features-dir", tmp_path))
+    assert "make extract DATASET=nope" in message
+    message = one_line_error(invoke("extract", "--dataset", "digits", "--model", "resnet18",
+                                    "--weights", tmp_path / "missing.pth", "--data-dir", tmp_path))
+    assert "missing.pth not found" in message
+
+
+def test_taps_and_models_list():
+    out = invoke("taps", "resnet50").output
+    assert "layer3" in out and "[1024, 14, 14]" in out and "penultimate" in out
+    assert "resnet50" in invoke("models", "resnet*").output.split()
+
+
+def test_extract_train_report_predict(tmp_path):
+    data = tmp_path / "data" / "shapes"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
+            for i in range(n):
+                write_image(data / split / name / f"{i}.png", color=color)
+    common = ("--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
+    result = invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
+                    "--layers", "penultimate,layer2:max", "--precision", "fp32", "--workers", "0", "--quiet", *common)
+    assert result.exit_code == 0 and "extracted 24 images" in result.output and "layer2:max" in result.output
+    again = invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
+                   "--quiet", *common)
+    assert "nothing to do" in again.output
+    trained = invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2", *common)
+    assert trained.exit_code == 0 and "svm on layer2:max" in trained.output
+    missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))
+    assert "make sweep" in missing
+    report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
+    assert report.exit_code == 0 and "random (untrained)" in report.output
+    assert (tmp_path / "reports" / "runs.json").exists()
+    head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
+    predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6
