@@ -12,6 +12,7 @@ cache's provenance, next to a result JSON.
 """
 import json
 import time
+from contextlib import contextmanager, nullcontext
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+from threadpoolctl import threadpool_limits
 
 from .errors import CacheError, PipelineError
 from .store import FeatureCache, read_head, write_head
@@ -63,14 +65,15 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         epochs = max(self.epochs, -(-self.min_steps // batches))  # small sets still get enough steps
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
         penalty = 1.0 / (2.0 * self.C * n)
-        for _ in range(epochs):
-            for batch in torch.randperm(n, generator=generator).to(device).split(self.batch_size):
-                loss = torch.nn.functional.cross_entropy(layer(X_t[batch]), y_t[batch])
-                loss = loss + penalty * layer.weight.pow(2).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+        with _threads_for(device, self.batch_size * d * len(self.classes_)):
+            for _ in range(epochs):
+                for batch in torch.randperm(n, generator=generator).to(device).split(self.batch_size):
+                    loss = torch.nn.functional.cross_entropy(layer(X_t[batch]), y_t[batch])
+                    loss = loss + penalty * layer.weight.pow(2).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
         self.coef_ = layer.weight.detach().cpu().numpy()         # [K, D]
         self.intercept_ = layer.bias.detach().cpu().numpy()      # [K]
         return self
@@ -82,10 +85,25 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
 
+@contextmanager
+def _threads_for(device, work_per_step):
+    """One CPU thread for small steps: thread start-up costs more than the matmul, and
+    with other processes on the cores (decode workers, a second job) it is many times slower."""
+    if device.type != "cpu" or work_per_step > 5_000_000:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_head(name, C):
     """A fresh estimator for head `name` at strength C (standardisation is added by the caller)."""
     if name == "svm":
-        return LinearSVC(C=C, max_iter=5000, random_state=0)
+        return LinearSVC(C=C, max_iter=1000, random_state=0)  # large C rarely converges; more iterations only cost time
     if name == "softmax":
         return LogisticRegression(C=C, max_iter=2000)
     if name == "linear":
@@ -101,7 +119,8 @@ HEADS = {"svm": "scikit-learn LinearSVC (hinge loss, one-vs-rest)",
 def fit_scored(name, C, X_fit, y_fit, X_eval, y_eval):
     """Fit standardiser + head on one set, return (model, accuracy on the other)."""
     model = make_pipeline(StandardScaler(), make_head(name, C))
-    with warnings.catch_warnings():
+    small = np.asarray(X_fit).size < 20_000_000  # BLAS threads cost more than they give here, and far more under load
+    with warnings.catch_warnings(), threadpool_limits(1) if small else nullcontext():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(X_fit, y_fit)
     return model, accuracy_score(y_eval, model.predict(X_eval))
