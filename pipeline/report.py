@@ -7,7 +7,8 @@
 Reads only the result JSON that `heads.train_head` writes next to each head
 (FEATURES_DIR/*/heads/*.json); nothing is unpickled and torch is never imported.
 The best run of a data set is the one with the highest *validation* accuracy
-(ties: the first in sort order); test accuracy is reported, never used to choose.
+(ties: a sweep's chosen layer, then the first in sort order); test accuracy is
+reported, never used to choose.
 Runs on random weights are labelled "random (untrained)" wherever weights show.
 """
 import html
