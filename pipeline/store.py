@@ -17,8 +17,12 @@ extraction is renamed to `<name>.h5`, so a file under the final name is always
 complete. Every structured attribute is JSON, parsed as data only: nothing
 read from a file is ever executed or unpickled.
 """
+import fcntl
 import json
 import os
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -37,6 +41,34 @@ def partial_path(path):
     """Where an unfinished extraction into `path` lives."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
+
+
+@contextmanager
+def extraction_lock(path):
+    """Hold `<cache>.lock` while extracting into `path`; a second extraction is told who holds it.
+
+    An flock, so the kernel releases it when the holder dies, even by SIGKILL: no stale locks.
+    """
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CacheError(f"{path}: another `make extract` is writing this cache ({holder}); "
+                             "wait for it to finish, or stop it and re-run to resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _to_attr(value):

@@ -465,3 +465,29 @@ def test_attrs_that_look_like_code_are_never_evaluated(tmp_path):
     assert attrs["raw"] == "[" + code + "]"
     assert attrs["bytes"] == code
     assert not marker.exists()
+
+
+def test_extraction_lock_names_the_holder_and_dies_with_it(tmp_path):
+    import textwrap
+
+    from pipeline.store import extraction_lock
+
+    path = tmp_path / "m.h5"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from pipeline.store import extraction_lock
+        with extraction_lock({str(path)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CacheError, match=rf"another `make extract` is writing this cache \(pid {holder.pid} "):
+            with extraction_lock(path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the flock
+        holder.wait()
+    with extraction_lock(path):  # free again, no stale lock
+        pass
