@@ -288,6 +288,8 @@ def read_head(path):
         except KeyError as e:
             raise CacheError(f"{path}: head file lacks {e}; train it again with `make train-head`") from None
         attrs = _read_attrs(h5)
+    if not all(np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() for a in arrays.values()):
+        raise CacheError(f"{path}: head arrays must be finite numbers; train it again with `make train-head`")
     k, d = arrays["coef"].shape if arrays["coef"].ndim == 2 else (0, 0)
     if k == 0 or arrays["intercept"].shape != (k,) or arrays["scaler_mean"].shape != (d,) or arrays["scaler_scale"].shape != (d,):
         raise CacheError(f"{path}: head arrays have inconsistent shapes; train it again with `make train-head`")
