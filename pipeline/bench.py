@@ -1,0 +1,461 @@
+"""Stage-one speed: the pipeline against the forward-pass ceiling and the tutorial loop.
+
+    python -m pipeline.bench                                  # resnet50, the defaults (`make bench`)
+    python -m pipeline.bench --model resnet18 --images 64 --no-accuracy
+
+One run, one model, the same images throughout: a corpus made from the vehicles
+JPEGs upscaled to photo sizes (half 500x375, half 1024x768, quality 90), an
+ImageFolder with split folders kept under bench/corpus/ between runs.
+
+    ceiling   the Extractor alone on batches already in memory, at the pipeline's
+              precision, memory format and batch size (warm-up excluded)
+    pipeline  extract_features in a fresh process, image files to a finished HDF5 cache
+    baseline  the tutorial loop: ImageFolder + DataLoader(batch 4, 4 workers), fp32,
+              no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays
+    memory    peak RSS of that fresh `extract` process on N images and on 10N
+    bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real
+              MobileNetV2 weights in --shared) the vehicles softmax test accuracy of
+              an fp32 cache against a bf16 cache
+
+Prints a table and writes REPORTS_DIR/bench.json. A script, not a test: no
+figure here is asserted anywhere.
+"""
+import csv
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from .backbones import load_backbone
+from .datasets import load_dataset
+from .errors import PipelineError
+from .extract import (autocast_for, default_batch_size, default_workers, extract_features, image_loader,
+                      native_cpu_bf16, prepare_model, resolve_device, resolve_precision)
+
+SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
+QUALITY = 90
+NOISE = 3.0                        # grey levels of sensor-like noise, so upscaled JPEGs carry real detail
+CLASSES = {"0": "not_emergency", "1": "emergency"}
+RECIPE = "corpus.json"
+LARGE_FACTOR = 10
+COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
+TARGETS = {"ratio_vs_ceiling": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
+MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"
+
+
+# ---------------------------------------------------------------------------
+# The corpus
+
+
+def make_corpus(shared, corpus_dir, n):
+    """n photo-sized JPEGs from the vehicles images as corpus_dir/vehicles-photos-N/{train,val,test}/<class>/;
+    made once, reused while its recipe file matches."""
+    root = Path(corpus_dir) / f"vehicles-photos-{n}"
+    recipe = {"source": "vehicles", "images": n, "sizes": [list(s) for s in SIZES], "quality": QUALITY,
+              "noise": NOISE, "version": 1}
+    if _has_recipe(root, recipe):
+        return root
+    source = Path(shared) / "data" / "vehicles"
+    if not (source / "emergency_train.csv").is_file():
+        raise PipelineError(f"{source}: no vehicles data to make the bench corpus from; pass --shared PATH")
+    with open(source / "emergency_train.csv", newline="") as f:
+        rows = [row for row in csv.reader(f)][1:]
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        name, label = rows[k % len(rows)]
+        split = {5: "test", 6: "val"}.get(k % 7, "train")  # every split gets images, even for n = 7
+        path = root / split / CLASSES[label] / f"{k:05d}-{Path(name).stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(source / "images" / name) as img:
+            photo(img.convert("RGB"), SIZES[k % 2], rng).save(path, quality=QUALITY)
+    (root / RECIPE).write_text(json.dumps(recipe))
+    return root
+
+
+def photo(img, size, rng):
+    """Crop to the aspect of `size`, upscale (bicubic), add mild noise: like a camera image of that size."""
+    w, h = img.size
+    crop_h = min(h, round(w * size[1] / size[0]))
+    crop_w = min(w, round(crop_h * size[0] / size[1]))
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    big = np.asarray(img.crop((left, top, left + crop_w, top + crop_h)).resize(size, Image.BICUBIC), dtype=np.float32)
+    big += rng.normal(0.0, NOISE, big.shape).astype(np.float32)  # [H, W, 3]
+    return Image.fromarray(np.clip(big, 0, 255).astype(np.uint8))
+
+
+def repeat_corpus(root, times):
+    """The same files `times` over under distinct names (hard links, copies across devices): a 10N set."""
+    big = root.with_name(f"{root.name}-x{times}")
+    recipe = {"of": root.name, "times": times, "source": json.loads((root / RECIPE).read_text())}
+    if _has_recipe(big, recipe):
+        return big
+    shutil.rmtree(big, ignore_errors=True)
+    for path in sorted(root.rglob("*.jpg")):
+        for c in range(times):
+            target = big / path.parent.relative_to(root) / f"c{c}-{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+    (big / RECIPE).write_text(json.dumps(recipe))
+    return big
+
+
+def _has_recipe(root, recipe):
+    try:
+        return json.loads((root / RECIPE).read_text()) == recipe
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# The measurements
+
+
+def ceiling(backbone, table, device, precision, batch_size, workers):
+    """Forward-only rate of the pipeline's Extractor on batches already in memory -> (img/s, codes [N, D])."""
+    [layer] = backbone.resolve(["penultimate"])
+    loader = image_loader(table, backbone.transform, np.arange(len(table)), device, batch_size, workers)
+    batches = [images.to(device, memory_format=torch.channels_last) for images, _ in loader]  # [B, 3, H, W]
+    model = prepare_model(backbone.extractor([layer]), device)
+    rate, codes = forward_rate(model, batches, device, precision)
+    return rate, codes[layer.name], batches
+
+
+def forward_rate(model, batches, device, precision, warmup=1):
+    """img/s of `model` over `batches` after `warmup` batches, and its codes {name: [N, D]}."""
+    outputs = []
+    with torch.inference_mode(), autocast_for(device, precision):
+        for images in batches[:warmup]:
+            model(images)
+        _sync(device)
+        t0 = time.perf_counter()
+        for images in batches:
+            outputs.append(model(images))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    codes = {name: np.concatenate([out[name].float().cpu().numpy() for out in outputs]) for name in outputs[0]}
+    return sum(len(b) for b in batches) / seconds, codes
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cosine(a, b):
+    """Row-wise cosine similarity of two [N, D] arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def bf16_cosine(backbone, batches, codes, device, precision):
+    """Cosine of bf16 to fp32 codes on the first COSINE_IMAGES bench images (the ceiling gave those
+    at the pipeline's precision) -> (cosine per image, images compared)."""
+    [layer] = backbone.resolve(["penultimate"])
+    model = prepare_model(backbone.extractor([layer]), device)
+    subset, count = [], 0
+    for images in batches:
+        if count >= COSINE_IMAGES:
+            break
+        subset.append(images[:COSINE_IMAGES - count])
+        count += len(subset[-1])
+    have = {precision: codes[:count]}
+    for other in ("fp32", "bf16"):
+        if other not in have:
+            have[other] = forward_rate(model, subset, device, other, warmup=0)[1][layer.name]
+    return cosine(have["fp32"], have["bf16"]), count
+
+
+def child_baseline(root, model, weights, device, batch_size=4, workers=4):
+    """The tutorial loop, faithfully (called in a fresh process) -> its rate. ImageFolder per split,
+    DataLoader(batch 4, 4 workers), fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize,
+    the classifier's last Linear replaced by Identity (penultimate features), each batch appended to a
+    list as numpy."""
+    from torchvision import datasets, transforms
+
+    warnings.filterwarnings("ignore", message=".*worker processes in total")  # 4 workers on 2 cores: as tutorials do
+    root, device = Path(root), torch.device(device)
+    preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    data = ConcatDataset([datasets.ImageFolder(root / split, preprocess)
+                          for split in ("train", "val", "test") if (root / split).is_dir()])
+    model = load_backbone(model, weights).model
+    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    parent, _, child = last.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    model = model.to(device).eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
+    features = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for inputs, _ in loader:
+            features.append(model(inputs.to(device)).cpu().numpy())
+    seconds = time.perf_counter() - t0
+    return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
+            "dim": int(np.concatenate(features).shape[1])}
+
+
+def child_extract(data_dir, name, model, weights, features_dir, precision, batch_size, workers):
+    """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
+    table = load_dataset(name, data_dir)
+    backbone = load_backbone(model, weights)
+    t0 = time.perf_counter()
+    result = extract_features(table, backbone, ["penultimate"], features_dir, precision=precision,
+                              batch_size=batch_size, num_workers=workers, progress=False)
+    seconds = time.perf_counter() - t0
+    return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
+            "inner_images_per_s": result.images_per_s,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def fresh_extract(root, model, weights, precision, batch_size, workers, work):
+    """child_extract in a new process, cache removed first."""
+    features = Path(work) / f"features-{root.name}"
+    shutil.rmtree(features, ignore_errors=True)
+    result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
+                              weights=weights, features_dir=str(features), precision=precision,
+                              batch_size=batch_size, workers=workers)
+    shutil.rmtree(features, ignore_errors=True)
+    return result
+
+
+_CHILD = "import json, sys; from pipeline import bench; print(json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))"
+
+
+def in_fresh_process(function, **args):
+    """bench.<function>(**args) in a new Python process -> its result, plus the peak PSS of the
+    process and its DataLoader workers, sampled from /proc."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0.0]
+    sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "tree_pss_mb": peak[0]}
+
+
+def _sample_pss(proc, peak, every=0.5):
+    while proc.poll() is None:
+        peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+        time.sleep(every)
+
+
+def tree_pss_mb(pid):
+    """Proportional set size of a process and its descendants (shared pages counted once), in MB."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration, ValueError):
+            continue  # the process ended meanwhile
+    return total / 1024
+
+
+def vehicles_accuracy(shared, device, batch_size, workers, work):
+    """Softmax-head test accuracy on vehicles from an fp32 cache and from a bf16 cache (MobileNetV2,
+    real weights) -> {precision: accuracy}, or None without the weights."""
+    from .heads import train_head
+
+    weights = Path(shared) / MOBILENET_WEIGHTS
+    if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
+        return None
+    table = load_dataset("vehicles", Path(shared) / "data")
+    backbone = load_backbone("mobilenet_v2", str(weights))
+    accuracy = {}
+    for precision in ("fp32", "bf16"):
+        features = Path(work) / f"vehicles-{precision}"
+        result = extract_features(table, backbone, ["penultimate"], features, device=device, precision=precision,
+                                  batch_size=batch_size, num_workers=workers, progress=False)
+        accuracy[precision] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
+    return accuracy
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_cpu_bf16": native_cpu_bf16(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def run_bench(model="resnet50", images=192, shared="../shared", reports_dir="reports", precision="auto",
+              batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
+              large_model=None, device="auto", say=print):
+    """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
+    started = time.perf_counter()
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    batch_size = batch_size or default_batch_size(device)
+    workers = default_workers() if workers is None else workers
+    weights = weights or "none"
+    large_model = large_model or model
+    loads = {}
+
+    say(f"corpus: {images} images in {corpus_dir} (made once)")
+    root = make_corpus(shared, corpus_dir, images)
+    large = repeat_corpus(root, LARGE_FACTOR)
+    table = load_dataset(root.name, root.parent)
+    backbone = load_backbone(model, weights)
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
+        say("pipeline: extract in a fresh process")
+        loads["pipeline"] = os.getloadavg()[0]
+        small = fresh_extract(root, model, weights, precision, batch_size, workers, work)
+        say("ceiling: forward pass on batches in memory")
+        loads["ceiling"] = os.getloadavg()[0]
+        ceiling_rate, codes, batches = ceiling(backbone, table, device, precision, batch_size, workers)
+        say("baseline: the tutorial loop in a fresh process")
+        loads["baseline"] = os.getloadavg()[0]
+        baseline_rate = in_fresh_process("child_baseline", root=str(root), model=model, weights=weights,
+                                         device=str(device))["images_per_s"]
+        say("bf16: codes against fp32")
+        similarity, compared = bf16_cosine(backbone, batches, codes, device, precision)
+        del batches
+        say(f"memory: extract on {LARGE_FACTOR} x {images} images ({large_model})")
+        loads["large"] = os.getloadavg()[0]
+        big = fresh_extract(large, large_model, weights, precision, batch_size, workers, work)
+        scores = None
+        if accuracy:
+            say("accuracy: vehicles, MobileNetV2, fp32 cache and bf16 cache")
+            scores = vehicles_accuracy(shared, device, None, None, work)
+
+    pipeline_rate = small["images_per_s"]
+    result = {
+        "model": model, "weights": weights, "precision": precision, "memory_format": "channels_last",
+        "batch_size": batch_size, "workers": workers, "jpeg_draft": True, "device": str(device),
+        "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in SIZES], "jpeg_quality": QUALITY,
+        "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
+        "machine": machine(device),
+        "ceiling_img_s": round(ceiling_rate, 2), "pipeline_img_s": round(pipeline_rate, 2),
+        "baseline_img_s": round(baseline_rate, 2),
+        "ratio_vs_ceiling": round(pipeline_rate / ceiling_rate, 3),
+        "ratio_vs_baseline": round(pipeline_rate / baseline_rate, 3),
+        "pipeline_inner_img_s": round(small["inner_images_per_s"], 2),
+        "pipeline_large_img_s": round(big["images_per_s"], 2),
+        "rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
+        "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
+        "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model_large": large_model,
+        "rss_what": "ru_maxrss of the extract process (fresh, one per run); tree_pss adds its decode workers",
+        "tree_pss_small_mb": round(small["tree_pss_mb"], 1), "tree_pss_large_mb": round(big["tree_pss_mb"], 1),
+        "workers_maxrss_small_mb": round(small["workers_maxrss_mb"], 1),
+        "bf16_cosine_mean": round(float(similarity.mean()), 6), "bf16_cosine_min": round(float(similarity.min()), 6),
+        "bf16_cosine_images": compared,
+        "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
+        "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
+        "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
+        "load_average": {phase: round(load, 2) for phase, load in loads.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    result["targets"] = {key: {"target": target, "met": _met(key, result[key], target)}
+                         for key, target in TARGETS.items()}
+    Path(reports_dir).mkdir(parents=True, exist_ok=True)
+    (Path(reports_dir) / "bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _met(key, value, target):
+    return abs(value) <= target if key == "rss_growth" else value >= target
+
+
+def table_text(r):
+    """The printed summary of a bench result."""
+    m, t = r["machine"], r["targets"]
+    yes = lambda key: "met" if t[key]["met"] else "NOT met"
+    lines = [
+        f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), {r['precision']} {r['memory_format']}, "
+        f"batch {r['batch_size']}, {r['workers']} workers, {r['images']} JPEGs ({' and '.join(r['image_sizes'])}, "
+        f"q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
+        f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
+        "",
+        f"  {'ceiling':<10} forward only, batches in memory      {r['ceiling_img_s']:8.2f} img/s",
+        f"  {'pipeline':<10} extract, files -> HDF5 (fresh proc) {r['pipeline_img_s']:8.2f} img/s"
+        f"   {r['ratio_vs_ceiling']:.3f} x ceiling (target {t['ratio_vs_ceiling']['target']}: {yes('ratio_vs_ceiling')})",
+        f"  {'':<10} same on {r['rss_images_large']} images                {r['pipeline_large_img_s']:8.2f} img/s",
+        f"  {'baseline':<10} tutorial loop (fp32, batch 4, 4 w.) {r['baseline_img_s']:8.2f} img/s"
+        f"   pipeline = {r['ratio_vs_baseline']:.2f} x baseline (target {t['ratio_vs_baseline']['target']}: "
+        f"{yes('ratio_vs_baseline')})",
+        f"  {'memory':<10} extract peak RSS {r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
+        f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB ({100 * r['rss_growth']:+.1f}%, "
+        f"target within {100 * t['rss_growth']['target']:.0f}%: {yes('rss_growth')}); with workers (PSS) "
+        f"{r['tree_pss_small_mb']:.0f} / {r['tree_pss_large_mb']:.0f} MB",
+        f"  {'bf16':<10} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
+        f"({r['bf16_cosine_images']} images)",
+    ]
+    if r["vehicles_softmax_test_acc_fp32"] is not None:
+        lines.append(f"  {'':<10} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
+                     f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
+                     f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points)")
+    lines.append(f"  ({r['seconds']:.0f} s in all)")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--model", default="resnet50", show_default=True, help="Any torchvision classifier.")
+@click.option("--images", type=click.IntRange(min=1), default=192, show_default=True,
+              help="Corpus size N (the memory run uses 10 N).")
+@click.option("--shared", type=click.Path(path_type=Path), default=Path("../shared"), show_default=True,
+              help="Folder with data/vehicles (the corpus source) and the MobileNetV2 weights.")
+@click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the pipeline's.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Default: the pipeline's.")
+@click.option("--accuracy/--no-accuracy", default=True, show_default=True,
+              help="Also extract vehicles twice (fp32, bf16) and compare softmax test accuracy.")
+@click.option("--corpus-dir", type=click.Path(path_type=Path), default=Path("bench/corpus"), show_default=True)
+@click.option("--weights", default="none", show_default=True, help="Bench model weights: none, default or a .pth.")
+@click.option("--large-model", default=None, help="Model of the 10 N memory run (default: --model).")
+@click.option("--device", default="auto", show_default=True)
+def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, corpus_dir, weights,
+         large_model, device):
+    """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
+    try:
+        result = run_bench(model, images, shared, reports_dir, precision, batch_size, workers, accuracy,
+                           corpus_dir, weights, large_model, device, say=lambda text: click.echo(text, err=True))
+    except PipelineError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(table_text(result))
+    click.echo(f"wrote {Path(reports_dir) / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""pipeline/bench.py on a tiny corpus: every figure is there and consistent. No figure's value
+(no speed) is asserted: the bench is a script whose numbers belong to the machine."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import bench
+from pipeline.datasets import load_dataset
+
+KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling", "ratio_vs_baseline",
+        "rss_small_mb", "rss_large_mb", "rss_model_large", "model", "precision", "batch_size", "workers",
+        "images", "image_sizes", "machine", "bf16_cosine_mean", "bf16_cosine_min", "jpeg_draft",
+        "vehicles_softmax_test_acc_fp32", "vehicles_softmax_test_acc_bf16",
+        "vehicles_softmax_test_acc_delta_points", "targets")
+
+
+@pytest.fixture
+def fake_shared(tmp_path):
+    """A stand-in for ../shared: data/vehicles with 8 JPEGs (224x224) and its CSV, no weights."""
+    source = tmp_path / "shared" / "data" / "vehicles"
+    (source / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = [["image_names", "emergency_or_not"]]
+    for i in range(8):
+        pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((224, 224), Image.BICUBIC).save(source / "images" / f"{i}.jpg")
+        rows.append([f"{i}.jpg", str(i % 2)])
+    with open(source / "emergency_train.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return tmp_path / "shared"
+
+
+@pytest.fixture
+def small_sizes(monkeypatch):
+    """Photo sizes scaled down so the tiny run stays fast (one still above 2x the resize: draft runs)."""
+    monkeypatch.setattr(bench, "SIZES", ((300, 225), (640, 520)))
+
+
+def test_corpus_is_an_imagefolder_with_splits_and_is_made_once(fake_shared, tmp_path, small_sizes):
+    root = bench.make_corpus(fake_shared, tmp_path / "corpus", 8)
+    table = load_dataset(root.name, root.parent)
+    assert len(table) == 8 and set(table.split) == {"train", "val", "test"}
+    assert table.class_names == ["emergency", "not_emergency"] and table.split_source.startswith("the data set")
+    sizes = sorted({Image.open(root / i).size for i in table.ids})
+    assert sizes == [(300, 225), (640, 520)]
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.jpg")}
+    assert bench.make_corpus(fake_shared, tmp_path / "corpus", 8) == root
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.jpg")} == stamp
+
+    big = bench.repeat_corpus(root, 10)
+    large = load_dataset(big.name, big.parent)
+    assert len(large) == 80 and len(set(large.ids)) == 80
+    assert sorted(large.split.tolist()) == sorted(np.repeat(table.split, 10).tolist())
+
+
+def test_missing_vehicles_is_a_clear_error(tmp_path):
+    with pytest.raises(bench.PipelineError, match="--shared"):
+        bench.make_corpus(tmp_path / "nowhere", tmp_path / "corpus", 8)
+
+
+def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
+    result = bench.run_bench(model="resnet18", images=8, shared=fake_shared, reports_dir=tmp_path / "reports",
+                             batch_size=4, workers=1, accuracy=True, corpus_dir=tmp_path / "corpus",
+                             say=lambda text: None)
+    written = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    for key in KEYS:
+        assert key in written, key
+    for key in ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "rss_small_mb", "rss_large_mb"):
+        assert written[key] > 0, key
+    assert written["ratio_vs_ceiling"] == pytest.approx(written["pipeline_img_s"] / written["ceiling_img_s"], rel=0.01)
+    assert written["ratio_vs_baseline"] == pytest.approx(written["pipeline_img_s"] / written["baseline_img_s"], rel=0.01)
+    assert written["images"] == 8 and written["rss_images_large"] == 80 and written["rss_model_large"] == "resnet18"
+    assert written["batch_size"] == 4 and written["workers"] == 1 and written["precision"] in ("fp32", "bf16")
+    assert 0.9 < written["bf16_cosine_min"] <= written["bf16_cosine_mean"] <= 1.0 + 1e-6
+    assert written["vehicles_softmax_test_acc_fp32"] is None  # no MobileNetV2 weights in this shared
+    assert {"cpu", "cores", "torch", "threads"} <= set(written["machine"])
+    assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_baseline", "rss_growth"}
+    text = bench.table_text(written)
+    assert "ceiling" in text and "baseline" in text and "bf16" in text
