@@ -158,15 +158,34 @@ def draw_splits(labels, seed, given=None):
     return split.astype(str), how
 
 
+def _read_csv(csv_path):
+    """Non-blank rows of a CSV; bad encoding or syntax -> DataError."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return [row for row in csv.reader(f) if any(field.strip() for field in row)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{csv_path}: not a readable CSV ({e}); fix that line") from None
+
+
+def _inside(root, rel):
+    """root / rel if it names a file inside root (no ../, absolute paths or symlinks out), else None."""
+    try:
+        path = (root / rel).resolve()
+        return path if path.is_relative_to(root.resolve()) and path.is_file() else None
+    except (OSError, ValueError):  # embedded NUL, name too long
+        return None
+
+
 def _csv_images(name, root, seed):
     csv_path = sorted(root.glob("*.csv"))[0]
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f) if any(field.strip() for field in row)]
+    rows = _read_csv(csv_path)
     if len(rows) < 2 or len(rows[0]) < 2:
         raise DataError(f"{csv_path}: needs a header and rows of `file,label`")
     header, rows = rows[0], rows[1:]
     images = root / "images"
-    file_col = next((c for c in range(len(header)) if (images / rows[0][c]).is_file()), None)
+    file_col = next((c for c in range(min(len(header), len(rows[0]))) if _inside(images, rows[0][c])), None)
     if file_col is None:
         raise DataError(f"{csv_path}: no column names a file in {images} (first row: {rows[0]}); "
                         "the CSV must name each image file relative to images/")
@@ -182,10 +201,10 @@ def _csv_images(name, root, seed):
             raise DataError(f"{csv_path}:{line}: row has {len(row)} fields, expected {len(header)}")
         ids.append(f"images/{row[file_col]}")
         raw.append(row[label_col].strip())
-    missing = [i for i in ids if not (root / i).is_file()]
+    missing = [i for i in ids if not _inside(images, i[len("images/"):])]
     if missing:
-        raise DataError(f"{csv_path}: {len(missing)} listed files do not exist (first: {root / missing[0]}); "
-                        "fix the CSV or restore the files")
+        raise DataError(f"{csv_path}: {len(missing)} listed files do not exist inside {images} "
+                        f"(first: {missing[0]!r}); fix the CSV or restore the files")
     labels, class_names = _classes(raw)
     split, how = draw_splits(labels, seed)
     fingerprint = _file_fingerprint(root, ids, raw, extra=f"csv:{csv_path.name}:{header[label_col]}\n")
@@ -214,8 +233,7 @@ def _image_folder(name, root, seed):
 
 def _pixel_csv(name, root, seed):
     csv_path = sorted(root.glob("*.csv"))[0]
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    header = (_read_csv(csv_path) or [[]])[0]
     label_cols = [c for c, h in enumerate(header) if h.strip().lower() in ("y", "label")]
     if not label_cols:
         raise DataError(f"{csv_path}: a pixel CSV needs a label column named `y` or `label`; "
@@ -226,9 +244,12 @@ def _pixel_csv(name, root, seed):
         raise DataError(f"{csv_path}: {n_pixels} pixel columns is not a square image; "
                         "each row must hold one square grayscale image")
     try:
-        table = np.loadtxt(csv_path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    except ValueError as e:
-        raise DataError(f"{csv_path}: every value must be a number ({e})") from None
+        table = np.loadtxt(csv_path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv_path}: every value must be a number ({str(e)[:120]})") from None
+    if table.shape[0] == 0 or table.shape[1] != len(header) or not np.isfinite(table).all():
+        raise DataError(f"{csv_path}: needs rows of {len(header)} finite numbers under its header; "
+                        f"found {table.shape[0]} rows of {table.shape[1]}")
     label_col = label_cols[0]
     raw = [str(int(v)) if float(v).is_integer() else str(v) for v in table[:, label_col]]
     values = np.delete(table, label_col, axis=1)
