@@ -12,7 +12,9 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
     pipeline  extract_features in a fresh process, image files to a finished HDF5 cache
     baseline  the tutorial loop: ImageFolder + DataLoader(batch 4, 4 workers), fp32,
               no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays
-    memory    peak RSS of that fresh `extract` process on N images and on 10N
+              (first thing in the bench's own process)
+    memory    peak RSS of that fresh `extract` process on N images and on 10N (the same
+              files hard-linked under other names)
     bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real
               MobileNetV2 weights in --shared) the vehicles softmax test accuracy of
               an fp32 cache against a bf16 cache
@@ -53,6 +55,7 @@ QUALITY = 90
 NOISE = 3.0                        # grey levels of sensor-like noise, so upscaled JPEGs carry real detail
 CLASSES = {"0": "not_emergency", "1": "emergency"}
 RECIPE = "corpus.json"
+IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
 LARGE_FACTOR = 10
 COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
 TARGETS = {"ratio_vs_ceiling": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
@@ -131,7 +134,8 @@ def _has_recipe(root, recipe):
 
 
 def ceiling(backbone, table, device, precision, batch_size, workers):
-    """Forward-only rate of the pipeline's Extractor on batches already in memory -> (img/s, codes [N, D])."""
+    """Forward-only rate of the pipeline's Extractor on batches already in memory
+    -> (img/s, codes [N, D], the batches)."""
     [layer] = backbone.resolve(["penultimate"])
     loader = image_loader(table, backbone.transform, np.arange(len(table)), device, batch_size, workers)
     batches = [images.to(device, memory_format=torch.channels_last) for images, _ in loader]  # [B, 3, H, W]
@@ -185,15 +189,13 @@ def bf16_cosine(backbone, batches, codes, device, precision):
     return cosine(have["fp32"], have["bf16"]), count
 
 
-def child_baseline(root, model, weights, device, batch_size=4, workers=4):
-    """The tutorial loop, faithfully (called in a fresh process) -> its rate. ImageFolder per split,
-    DataLoader(batch 4, 4 workers), fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize,
-    the classifier's last Linear replaced by Identity (penultimate features), each batch appended to a
-    list as numpy."""
+def baseline(root, model, weights, device, batch_size=4, workers=4):
+    """The tutorial loop, faithfully -> its rate. ImageFolder per split, DataLoader(batch 4, 4 workers),
+    fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize, a freshly loaded model with
+    its last Linear replaced by Identity (penultimate features), each batch appended to a list as numpy.
+    Run it before anything else in the process (prepare_model changes how memory is allocated)."""
     from torchvision import datasets, transforms
 
-    warnings.filterwarnings("ignore", message=".*worker processes in total")  # 4 workers on 2 cores: as tutorials do
-    root, device = Path(root), torch.device(device)
     preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                      transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     data = ConcatDataset([datasets.ImageFolder(root / split, preprocess)
@@ -203,43 +205,43 @@ def child_baseline(root, model, weights, device, batch_size=4, workers=4):
     parent, _, child = last.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
     model = model.to(device).eval()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     features = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for inputs, _ in loader:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*worker processes in total")  # 4 on 2 cores, as tutorials do
+        for inputs, _ in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
             features.append(model(inputs.to(device)).cpu().numpy())
     seconds = time.perf_counter() - t0
     return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
             "dim": int(np.concatenate(features).shape[1])}
 
 
-def child_extract(data_dir, name, model, weights, features_dir, precision, batch_size, workers):
+def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers):
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
     table = load_dataset(name, data_dir)
     backbone = load_backbone(model, weights)
     t0 = time.perf_counter()
-    result = extract_features(table, backbone, ["penultimate"], features_dir, precision=precision,
+    result = extract_features(table, backbone, ["penultimate"], features_dir, device=device, precision=precision,
                               batch_size=batch_size, num_workers=workers, progress=False)
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "workers_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def fresh_extract(root, model, weights, precision, batch_size, workers, work):
+def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work):
     """child_extract in a new process, cache removed first."""
     features = Path(work) / f"features-{root.name}"
     shutil.rmtree(features, ignore_errors=True)
     result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
-                              weights=weights, features_dir=str(features), precision=precision,
-                              batch_size=batch_size, workers=workers)
+                              weights=weights, features_dir=str(features), device=str(device),
+                              precision=precision, batch_size=batch_size, workers=workers)
     shutil.rmtree(features, ignore_errors=True)
     return result
 
 
-_CHILD = "import json, sys; from pipeline import bench; print(json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))"
+_CHILD = ("import json, sys; from pipeline import bench; "
+          "print(json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))")
 
 
 def in_fresh_process(function, **args):
@@ -318,78 +320,91 @@ def machine(device):
 # The run
 
 
-def run_bench(model="resnet50", images=192, shared="../shared", reports_dir="reports", precision="auto",
+def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
               batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
               large_model=None, device="auto", say=print):
     """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
     started = time.perf_counter()
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    batch_size = batch_size or default_batch_size(device)
-    workers = default_workers() if workers is None else workers
-    weights = weights or "none"
+    setup = {"model": model, "weights": weights or "none", "precision": resolve_precision(precision, device),
+             "batch_size": batch_size or default_batch_size(device),
+             "workers": default_workers(device) if workers is None else workers}
     large_model = large_model or model
+    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers")}}
     loads = {}
 
     say(f"corpus: {images} images in {corpus_dir} (made once)")
     root = make_corpus(shared, corpus_dir, images)
     large = repeat_corpus(root, LARGE_FACTOR)
     table = load_dataset(root.name, root.parent)
-    backbone = load_backbone(model, weights)
+    backbone = load_backbone(model, setup["weights"])
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
+        say("baseline: the tutorial loop")
+        loads["baseline"] = os.getloadavg()[0]
+        base = baseline(root, model, setup["weights"], device)
         say("pipeline: extract in a fresh process")
         loads["pipeline"] = os.getloadavg()[0]
-        small = fresh_extract(root, model, weights, precision, batch_size, workers, work)
+        small = fresh_extract(root, model, work=work, **run)
         say("ceiling: forward pass on batches in memory")
         loads["ceiling"] = os.getloadavg()[0]
-        ceiling_rate, codes, batches = ceiling(backbone, table, device, precision, batch_size, workers)
-        say("baseline: the tutorial loop in a fresh process")
-        loads["baseline"] = os.getloadavg()[0]
-        baseline_rate = in_fresh_process("child_baseline", root=str(root), model=model, weights=weights,
-                                         device=str(device))["images_per_s"]
+        top, codes, batches = ceiling(backbone, table, device, setup["precision"], setup["batch_size"],
+                                      setup["workers"])
         say("bf16: codes against fp32")
-        similarity, compared = bf16_cosine(backbone, batches, codes, device, precision)
+        similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches
         say(f"memory: extract on {LARGE_FACTOR} x {images} images ({large_model})")
         loads["large"] = os.getloadavg()[0]
-        big = fresh_extract(large, large_model, weights, precision, batch_size, workers, work)
+        big = fresh_extract(large, large_model, work=work, **run)
+        small_memory = small if large_model == model else fresh_extract(root, large_model, work=work, **run)
         scores = None
         if accuracy:
             say("accuracy: vehicles, MobileNetV2, fp32 cache and bf16 cache")
             scores = vehicles_accuracy(shared, device, None, None, work)
 
-    pipeline_rate = small["images_per_s"]
-    result = {
-        "model": model, "weights": weights, "precision": precision, "memory_format": "channels_last",
-        "batch_size": batch_size, "workers": workers, "jpeg_draft": True, "device": str(device),
-        "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in SIZES], "jpeg_quality": QUALITY,
-        "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
-        "machine": machine(device),
-        "ceiling_img_s": round(ceiling_rate, 2), "pipeline_img_s": round(pipeline_rate, 2),
-        "baseline_img_s": round(baseline_rate, 2),
-        "ratio_vs_ceiling": round(pipeline_rate / ceiling_rate, 3),
-        "ratio_vs_baseline": round(pipeline_rate / baseline_rate, 3),
-        "pipeline_inner_img_s": round(small["inner_images_per_s"], 2),
-        "pipeline_large_img_s": round(big["images_per_s"], 2),
-        "rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
-        "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
-        "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model_large": large_model,
-        "rss_what": "ru_maxrss of the extract process (fresh, one per run); tree_pss adds its decode workers",
-        "tree_pss_small_mb": round(small["tree_pss_mb"], 1), "tree_pss_large_mb": round(big["tree_pss_mb"], 1),
-        "workers_maxrss_small_mb": round(small["workers_maxrss_mb"], 1),
-        "bf16_cosine_mean": round(float(similarity.mean()), 6), "bf16_cosine_min": round(float(similarity.min()), 6),
-        "bf16_cosine_images": compared,
-        "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
-        "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
-        "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
-        "load_average": {phase: round(load, 2) for phase, load in loads.items()},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    result = {**setup, "memory_format": "channels_last", "jpeg_draft": True, "device": str(device),
+              "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in SIZES], "jpeg_quality": QUALITY,
+              "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
+              "machine": machine(device),
+              **speed_figures(top, small, base, big if large_model == model else None),
+              **memory_figures(small_memory, big, large_model),
+              **bf16_figures(similarity, compared, scores),
+              "load_average": {phase: round(load, 2) for phase, load in loads.items()},
+              "seconds": round(time.perf_counter() - started, 1)}
     result["targets"] = {key: {"target": target, "met": _met(key, result[key], target)}
                          for key, target in TARGETS.items()}
     Path(reports_dir).mkdir(parents=True, exist_ok=True)
     (Path(reports_dir) / "bench.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def speed_figures(ceiling_rate, small, base, big=None):
+    """Rates and ratios; `big` (the 10 N run) only when it ran the same model."""
+    pipeline_rate = small["images_per_s"]
+    return {"ceiling_img_s": round(ceiling_rate, 2), "pipeline_img_s": round(pipeline_rate, 2),
+            "baseline_img_s": round(base["images_per_s"], 2),
+            "ratio_vs_ceiling": round(pipeline_rate / ceiling_rate, 3),
+            "ratio_vs_baseline": round(pipeline_rate / base["images_per_s"], 3),
+            "pipeline_inner_img_s": round(small["inner_images_per_s"], 2),
+            "pipeline_large_img_s": big and round(big["images_per_s"], 2),
+            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / ceiling_rate, 3)}
+
+
+def memory_figures(small, big, large_model):
+    """Peak memory on N and on 10 N images, both runs with `large_model`."""
+    return {"rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
+            "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
+            "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model": large_model,
+            "rss_what": "ru_maxrss of a fresh extract process; tree_pss: it and any decode workers, sampled",
+            "tree_pss_small_mb": round(small["tree_pss_mb"], 1), "tree_pss_large_mb": round(big["tree_pss_mb"], 1)}
+
+
+def bf16_figures(similarity, compared, scores):
+    """What bf16 changes: in the codes, and (when measured) in vehicles test accuracy."""
+    return {"bf16_cosine_mean": round(float(similarity.mean()), 6),
+            "bf16_cosine_min": round(float(similarity.min()), 6), "bf16_cosine_images": compared,
+            "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
+            "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
+            "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2)}
 
 
 def _met(key, value, target):
@@ -399,39 +414,42 @@ def _met(key, value, target):
 def table_text(r):
     """The printed summary of a bench result."""
     m, t = r["machine"], r["targets"]
-    yes = lambda key: "met" if t[key]["met"] else "NOT met"
+    verdict = lambda key: f"target {t[key]['target']}: {'met' if t[key]['met'] else 'NOT met'}"
+    rate = lambda name, what, value, note="": f"  {name:<9} {what:<41} {value:7.2f} img/s   {note}".rstrip()
     lines = [
-        f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), {r['precision']} {r['memory_format']}, "
-        f"batch {r['batch_size']}, {r['workers']} workers, {r['images']} JPEGs ({' and '.join(r['image_sizes'])}, "
-        f"q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
+        f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), "
+        f"{r['precision']} {r['memory_format']}, batch {r['batch_size']}, "
+        f"{str(r['workers']) + ' decode processes' if r['workers'] else 'decoding between forward passes'}, "
+        f"{r['images']} JPEGs ({' and '.join(r['image_sizes'])}, q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
         f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
         "",
-        f"  {'ceiling':<10} forward only, batches in memory      {r['ceiling_img_s']:8.2f} img/s",
-        f"  {'pipeline':<10} extract, files -> HDF5 (fresh proc) {r['pipeline_img_s']:8.2f} img/s"
-        f"   {r['ratio_vs_ceiling']:.3f} x ceiling (target {t['ratio_vs_ceiling']['target']}: {yes('ratio_vs_ceiling')})",
-        f"  {'':<10} same on {r['rss_images_large']} images                {r['pipeline_large_img_s']:8.2f} img/s",
-        f"  {'baseline':<10} tutorial loop (fp32, batch 4, 4 w.) {r['baseline_img_s']:8.2f} img/s"
-        f"   pipeline = {r['ratio_vs_baseline']:.2f} x baseline (target {t['ratio_vs_baseline']['target']}: "
-        f"{yes('ratio_vs_baseline')})",
-        f"  {'memory':<10} extract peak RSS {r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
-        f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB ({100 * r['rss_growth']:+.1f}%, "
-        f"target within {100 * t['rss_growth']['target']:.0f}%: {yes('rss_growth')}); with workers (PSS) "
-        f"{r['tree_pss_small_mb']:.0f} / {r['tree_pss_large_mb']:.0f} MB",
-        f"  {'bf16':<10} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
+        rate("ceiling", "forward pass only, batches in memory", r["ceiling_img_s"]),
+        rate("pipeline", "extract, files -> HDF5, fresh process", r["pipeline_img_s"],
+             f"{r['ratio_vs_ceiling']:.3f} x ceiling ({verdict('ratio_vs_ceiling')})"),
+        r["pipeline_large_img_s"] and rate("", f"the same on {r['rss_images_large']} images", r["pipeline_large_img_s"],
+                                           f"{r['ratio_vs_ceiling_large']:.3f} x ceiling"),
+        rate("baseline", "tutorial loop (fp32, batch 4, 4 workers)", r["baseline_img_s"],
+             f"pipeline {r['ratio_vs_baseline']:.2f} x baseline ({verdict('ratio_vs_baseline')})"),
+        f"  {'memory':<9} extract peak RSS ({r['rss_model']}): "
+        f"{r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
+        f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB, {100 * r['rss_growth']:+.1f}% "
+        f"(within {100 * t['rss_growth']['target']:.0f}%: {'met' if t['rss_growth']['met'] else 'NOT met'}); "
+        f"with workers (PSS) {r['tree_pss_small_mb']:.0f} / {r['tree_pss_large_mb']:.0f} MB",
+        f"  {'bf16':<9} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
         f"({r['bf16_cosine_images']} images)",
     ]
     if r["vehicles_softmax_test_acc_fp32"] is not None:
-        lines.append(f"  {'':<10} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
+        lines.append(f"  {'':<9} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
                      f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
                      f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points)")
     lines.append(f"  ({r['seconds']:.0f} s in all)")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line is not None)
 
 
 @click.command()
 @click.option("--model", default="resnet50", show_default=True, help="Any torchvision classifier.")
-@click.option("--images", type=click.IntRange(min=1), default=192, show_default=True,
+@click.option("--images", type=click.IntRange(min=1), default=IMAGES, show_default=True,
               help="Corpus size N (the memory run uses 10 N).")
 @click.option("--shared", type=click.Path(path_type=Path), default=Path("../shared"), show_default=True,
               help="Folder with data/vehicles (the corpus source) and the MobileNetV2 weights.")
@@ -449,8 +467,10 @@ def main(model, images, shared, reports_dir, precision, batch_size, workers, acc
          large_model, device):
     """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
     try:
-        result = run_bench(model, images, shared, reports_dir, precision, batch_size, workers, accuracy,
-                           corpus_dir, weights, large_model, device, say=lambda text: click.echo(text, err=True))
+        result = run_bench(model=model, images=images, shared=shared, reports_dir=reports_dir, precision=precision,
+                           batch_size=batch_size, workers=workers, accuracy=accuracy, corpus_dir=corpus_dir,
+                           weights=weights, large_model=large_model, device=device,
+                           say=lambda text: click.echo(text, err=True))
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
     click.echo(table_text(result))

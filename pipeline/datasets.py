@@ -135,13 +135,12 @@ def _is_number(text):
 def draw_splits(labels, seed, given=None):
     """Splits per row: the data set's own (`given`), with any missing val/test split
     carved from train by a seeded, stratified draw. Returns (split, how it was made)."""
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels)
     split = np.array(given if given is not None else ["train"] * len(labels), dtype=object)
     missing = [s for s in ("test", "val") if not (split == s).any()]
     if not missing:
         return split.astype(str), "the data set's own split folders"
+    from sklearn.model_selection import train_test_split  # only here: importing it takes ~1.5 s
     fractions = {"val": VAL_FRACTION, "test": TEST_FRACTION}
     share_left = 1.0
     for name in missing:

@@ -4,13 +4,15 @@
     backbone = load_backbone("mobilenet_v2", "weights.pth")
     result = extract_features(table, backbone, ["penultimate"], "features")
 
-One loop: a DataLoader decodes and transforms images in worker processes, the
-backbone runs every requested layer in one forward pass (eval, inference_mode,
-channels_last, bf16/fp16 autocast where the hardware has it), and each batch of
-pooled codes is appended to the cache by a writer thread while the next batch
-runs. Memory does not grow with the data set. The cache is keyed by everything
-that changes its values; the same request finds it and does nothing, any other
-request never reuses it.
+One loop: a DataLoader decodes and transforms images (large JPEGs at reduced DCT
+scale), in worker processes while a GPU computes or, on CPU, by one thread per core
+between forward passes; the backbone runs every requested layer in one forward pass
+(eval, inference_mode, channels_last, bf16/fp16 autocast where the hardware runs it
+natively), and each batch of pooled codes is appended to the cache by a writer
+thread while the next batch runs. Memory does not grow with the data set. The cache
+is keyed by everything that changes its values; the same request finds it and does
+nothing, any other request never reuses it. `python -m pipeline.bench` measures the
+loop against the forward pass alone.
 """
 import ctypes
 import functools
@@ -21,11 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import h5py
 import numpy as np
-import sklearn
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
@@ -40,7 +42,6 @@ from .store import CacheWriter, partial_path, read_cache_settings
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREFETCH_BATCHES = 4  # per worker
-DECODE_NICENESS = 10  # CPU only; measured below default_workers
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -59,11 +60,11 @@ class ImageRows(Dataset):
     """Rows `rows` of an ImageTable as (normalised tensor [3, H, W], row index).
 
     `draft`: the size the transform resizes to; large JPEGs then decode at reduced scale
-    (see datasets.draft_decode), never below it.
+    (see datasets.draft_decode), never below it. `threads`: how many decode a batch at once.
     """
 
-    def __init__(self, table, transform, rows, draft=None):
-        self.table, self.transform, self.rows, self.draft = table, transform, rows, draft
+    def __init__(self, table, transform, rows, draft=None, threads=1):
+        self.table, self.transform, self.rows, self.draft, self.threads = table, transform, rows, draft, threads
 
     def __len__(self):
         return len(self.rows)
@@ -71,6 +72,13 @@ class ImageRows(Dataset):
     def __getitem__(self, k):
         i = int(self.rows[k])
         return self.transform(self.table.load_image(i, draft=self.draft)), i
+
+    def __getitems__(self, ks):
+        """One batch (the DataLoader asks for batches this way); PIL and torch release the GIL."""
+        if self.threads <= 1:
+            return [self[k] for k in ks]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(self.__getitem__, ks))
 
 
 def cache_path(features_dir, dataset, backbone):
@@ -132,10 +140,26 @@ def native_cpu_bf16():
 
 
 def default_batch_size(device):
+    """256 fills a GPU; on CPU 16, 32 and 64 run alike (resnet50 fp32 on the 2-core bench machine:
+    18.6, 18.3, 19.2 img/s, within its noise), and 32 keeps activations moderate."""
     return 256 if device.type == "cuda" else 32
 
 
-def default_workers():
+def default_workers(device=None):
+    """Decoding processes: on a GPU cores (at most 8), decoding while it computes; on CPU none.
+
+    On CPU the forward pass's threads already fill every core, and a decoder beside them stalls
+    the whole pass (a preempted thread holds the others up at each barrier), so batches are
+    decoded between forward passes by one thread per core (image_loader). Measured on the 2-core
+    bench machine (noisy, shared), resnet50 fp32 over 192 photo-sized JPEGs, loader rate / forward-only
+    rate, in one process, 5 interleaved runs each: threads between passes median 0.94 (0.80-1.02),
+    1 process 0.81, 2 processes 0.78; an earlier series (medians of 3-4): 2 processes 0.84, 1 process
+    0.85, the same at nice 10 0.80 and 0.79, at nice 19 0.80, one thread between passes 0.88.
+    torch.set_num_threads(1) for the forward costs a third of its speed (resnet18: 26 vs 38 img/s);
+    set_num_interop_threads does not apply (eager inference does not use that pool).
+    """
+    if device is not None and device.type == "cpu":
+        return 0
     return min(8, os.cpu_count() or 1)
 
 
@@ -177,14 +201,15 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     start = writer.n_done if writer else 0
     status = "resumed" if start else "extracted"
     batch_size = batch_size or default_batch_size(device)
-    num_workers = default_workers() if num_workers is None else num_workers
+    num_workers = default_workers(device) if num_workers is None else num_workers
     t0 = time.perf_counter()
     try:
-        # the workers start decoding before the model is traced and the file created (~1 s hidden)
+        # worker processes (the GPU default) start decoding before the model is traced and the file made
         batches = iter(image_loader(table, backbone.transform, np.arange(start, len(table)), device, batch_size,
                                     num_workers, jpeg_draft))
         model = backbone.extractor(layers)
-        writer = writer or _create_writer(path, table, backbone, model, layers, settings)
+        writer = writer or _create_writer(path, table, backbone, model, layers, settings,
+                                          _penultimate_name(backbone, layer_specs, layers))
         _run(model, batches, writer, device, precision, progress, f"{backbone.name} {table.name}", len(table))
         seconds = time.perf_counter() - t0
         rows = len(table) - start
@@ -238,7 +263,14 @@ def _resume_writer(path, settings):
     return None
 
 
-def _create_writer(path, table, backbone, model, layers, settings):
+def _penultimate_name(backbone, layer_specs, layers):
+    """The cache name of the penultimate layer; without resolving it again (~0.5 s) when it is all that was asked."""
+    if list(layer_specs) == ["penultimate"] and len(layers) == 1:
+        return layers[0].name
+    return backbone.resolve(["penultimate"])[0].name
+
+
+def _create_writer(path, table, backbone, model, layers, settings, penultimate):
     """A new partial file; shapes and dims come from one dry run of the extractor."""
     with torch.inference_mode():
         maps = model.body(torch.zeros(1, 3, backbone.input_size, backbone.input_size))  # {node: [1, ...]}
@@ -248,7 +280,7 @@ def _create_writer(path, table, backbone, model, layers, settings):
                   for layer in layers}
     attrs = {**{k: v for k, v in settings.items() if k != "layers"},
              "settings": settings, "pooling": {layer.name: layer.pooling for layer in layers},
-             "penultimate": backbone.resolve(["penultimate"])[0].name,
+             "penultimate": penultimate,
              "weights_source": backbone.weights_source, "dataset_root": str(Path(table.root).resolve())
              if table.layout != "digits" else str(table.root), "versions": library_versions()}
     return CacheWriter.create(path, ids=table.ids, labels=table.labels, split=table.split,
@@ -258,23 +290,18 @@ def _create_writer(path, table, backbone, model, layers, settings):
 def library_versions():
     return {"pipeline": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__}
+            "scikit-learn": metadata.version("scikit-learn")}  # not imported: 2 s of start-up here
 
 
 def image_loader(table, transform, rows, device, batch_size, num_workers, jpeg_draft=True):
-    """Batches (images [B, 3, H, W] float32, row indices [B]) of `rows`, decoded in worker processes;
-    in pinned memory on a GPU so the copy to the device overlaps compute."""
+    """Batches (images [B, 3, H, W] float32, row indices [B]) of `rows`: decoded in `num_workers`
+    processes while the model runs, or with none by one thread per core when the next batch is
+    asked for (see default_workers); in pinned memory on a GPU so the copy overlaps compute."""
     draft = draft_size(transform) if jpeg_draft else None
-    return DataLoader(ImageRows(table, transform, rows, draft), batch_size=batch_size, shuffle=False,
+    threads = 1 if num_workers else os.cpu_count() or 1
+    return DataLoader(ImageRows(table, transform, rows, draft, threads), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=PREFETCH_BATCHES if num_workers else None,
-                      worker_init_fn=_yield_to_forward if device.type == "cpu" else None)
-
-
-def _yield_to_forward(worker_id):
-    """On CPU the decoding workers share the cores with the forward pass's threads: a lower
-    priority keeps them from preempting those threads (see DECODE_NICENESS)."""
-    os.nice(DECODE_NICENESS)
+                      prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
 def autocast_for(device, precision):
@@ -285,8 +312,8 @@ def autocast_for(device, precision):
 def iter_codes(table, backbone, layers, rows, device, precision, batch_size, num_workers, jpeg_draft=True):
     """Yield {layer name: codes [B, D] float32} for `rows` of `table`, in order.
 
-    Images are decoded and transformed in `num_workers` processes while the
-    backbone runs; one forward pass gives every layer.
+    Images are decoded and transformed as image_loader says; one forward pass
+    gives every layer.
     """
     loader = image_loader(table, backbone.transform, rows, device, batch_size, num_workers, jpeg_draft)
     yield from forward_codes(backbone.extractor(layers), loader, device, precision)
@@ -338,10 +365,11 @@ def forward_codes(model, batches, device, precision):
 def _copy_to_host(outputs):
     """Start moving {name: [B, D]} to host float32 -> (host tensors, event to wait on, or None on CPU)."""
     host = {name: v.float().to("cpu", non_blocking=True) for name, v in outputs.items()}  # pinned from a GPU
-    on_gpu = any(v.is_cuda for v in outputs.values())
-    event = torch.cuda.Event() if on_gpu else None
-    if event is not None:
-        event.record()
+    device = next(iter(outputs.values())).device
+    if device.type != "cuda":
+        return host, None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))  # the stream the copies were queued on
     return host, event
 
 

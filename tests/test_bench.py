@@ -11,7 +11,7 @@ from pipeline import bench
 from pipeline.datasets import load_dataset
 
 KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling", "ratio_vs_baseline",
-        "rss_small_mb", "rss_large_mb", "rss_model_large", "model", "precision", "batch_size", "workers",
+        "rss_small_mb", "rss_large_mb", "rss_model", "model", "precision", "batch_size", "workers",
         "images", "image_sizes", "machine", "bf16_cosine_mean", "bf16_cosine_min", "jpeg_draft",
         "vehicles_softmax_test_acc_fp32", "vehicles_softmax_test_acc_bf16",
         "vehicles_softmax_test_acc_delta_points", "targets")
@@ -62,9 +62,8 @@ def test_missing_vehicles_is_a_clear_error(tmp_path):
 
 
 def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
-    result = bench.run_bench(model="resnet18", images=8, shared=fake_shared, reports_dir=tmp_path / "reports",
-                             batch_size=4, workers=1, accuracy=True, corpus_dir=tmp_path / "corpus",
-                             say=lambda text: None)
+    result = bench.run_bench(model="mobilenet_v3_small", images=8, shared=fake_shared, batch_size=4,
+                             reports_dir=tmp_path / "reports", corpus_dir=tmp_path / "corpus", say=lambda text: None)
     written = json.loads((tmp_path / "reports" / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
     for key in KEYS:
@@ -73,8 +72,11 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
         assert written[key] > 0, key
     assert written["ratio_vs_ceiling"] == pytest.approx(written["pipeline_img_s"] / written["ceiling_img_s"], rel=0.01)
     assert written["ratio_vs_baseline"] == pytest.approx(written["pipeline_img_s"] / written["baseline_img_s"], rel=0.01)
-    assert written["images"] == 8 and written["rss_images_large"] == 80 and written["rss_model_large"] == "resnet18"
-    assert written["batch_size"] == 4 and written["workers"] == 1 and written["precision"] in ("fp32", "bf16")
+    assert written["images"] == 8 and written["rss_images_large"] == 80
+    assert written["model"] == written["rss_model"] == "mobilenet_v3_small"
+    assert written["ratio_vs_ceiling_large"] == pytest.approx(
+        written["pipeline_large_img_s"] / written["ceiling_img_s"], rel=0.01)
+    assert written["batch_size"] == 4 and written["workers"] >= 0 and written["precision"] in ("fp32", "bf16")
     assert 0.9 < written["bf16_cosine_min"] <= written["bf16_cosine_mean"] <= 1.0 + 1e-6
     assert written["vehicles_softmax_test_acc_fp32"] is None  # no MobileNetV2 weights in this shared
     assert {"cpu", "cores", "torch", "threads"} <= set(written["machine"])

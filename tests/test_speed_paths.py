@@ -76,7 +76,7 @@ def random_mobilenet():
     ((224, 224), 1, (224, 224)),
 ])
 def test_draft_reduces_only_large_jpegs_and_never_below_the_resize(tmp_path, size, scale, decoded):
-    path = write_jpeg(tmp_path / "x.jpg", size)
+    path = write_image(tmp_path / "x.jpg", size=size)
     with Image.open(path) as img:
         assert draft_decode(img, 256) == scale
         img.load()
@@ -104,10 +104,19 @@ def test_small_images_decode_exactly_as_without_draft(tmp_path):
         assert np.array_equal(np.asarray(table.load_image(i, draft=256)), np.asarray(table.load_image(i)))
 
 
+def assert_close_codes(full, draft):
+    """cosine > 0.99, and draft moves codes far less than going to another image does (random
+    weights put any two images above 0.99)."""
+    similarity = cosine(full, draft)
+    other = cosine(full, np.roll(full, 1, axis=0))  # each image against the next one
+    assert similarity.min() > 0.99
+    assert (1 - similarity).max() < 0.1 * (1 - other).min()
+
+
 def test_draft_codes_stay_close_to_full_decoding(photos, random_mobilenet):
     full = codes(run(photos, random_mobilenet, jpeg_draft=False))
     draft = codes(run(photos, random_mobilenet, jpeg_draft=True))
-    assert cosine(full, draft).min() > 0.99
+    assert_close_codes(full, draft)
 
 
 def test_draft_codes_stay_close_on_real_photos_with_real_weights(shared, mobilenet_weights, tmp_path):
@@ -124,7 +133,7 @@ def test_draft_codes_stay_close_on_real_photos_with_real_weights(shared, mobilen
     backbone = load_backbone("mobilenet_v2", str(mobilenet_weights))
     full = codes(run(root, backbone, jpeg_draft=False))
     draft = codes(run(root, backbone, jpeg_draft=True))
-    assert cosine(full, draft).min() > 0.99
+    assert_close_codes(full, draft)  # measured: cosine 0.997-0.998; other images 0.84-0.90
 
 
 def test_draft_is_part_of_the_cache_key(photos, random_mobilenet):
