@@ -27,7 +27,7 @@ opt = $(if $(2),$(1) $(2))
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench clean
 
 help:
-	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..]"
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1]"
 	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..]"
 	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
@@ -49,7 +49,8 @@ $(VENV)/.installed: pyproject.toml
 extract: venv
 	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
-	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS))
+	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) \
+	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates)
 
 train-head: venv
 	$(CLI) train-head --head $(HEAD) --dataset $(DATASET) --layer $(LAYER) --features-dir $(FEATURES_DIR) \

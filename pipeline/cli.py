@@ -47,17 +47,32 @@ def _data_options(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: cores, at most 8).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
+@click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
+@click.option("--drop-duplicates", is_flag=True,
+              help="Leave out byte-identical images (all of a group whose labels disagree) before splitting.")
 @_data_options
-def extract(dataset, model, layers, weights, device, precision, batch_size, workers, quiet, data_dir, features_dir):
+def extract(dataset, model, layers, weights, device, precision, batch_size, workers, quiet, update, rebuild,
+            drop_duplicates, data_dir, features_dir):
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .extract import extract_features
+    from .extract import cache_path, extract_features
 
-    table = load_dataset(dataset, data_dir)
+    if update and rebuild:
+        raise click.UsageError("--update and --rebuild exclude each other: choose one")
+    table = load_dataset(dataset, data_dir, drop_duplicates=drop_duplicates)
     backbone = load_backbone(model, weights)
-    result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
-                              batch_size=batch_size, num_workers=workers, progress=not quiet)
+    try:
+        result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
+                                  batch_size=batch_size, num_workers=workers, progress=not quiet,
+                                  update=update, rebuild=rebuild)
+    except KeyboardInterrupt:
+        from .store import partial_progress
+        done, total = partial_progress(cache_path(features_dir, table.name, backbone))
+        saved = f"{done} of {total} images are saved" if done is not None else "nothing was saved yet"
+        click.echo(f"interrupted: {saved}; re-run the same command to resume", err=True)
+        sys.exit(130)
     click.echo(result.message)
 
 
@@ -84,6 +99,10 @@ def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
                f"val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f} "
                f"(balanced {result['test_balanced_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}) "
                f"-> {result['head_file']}")
+    from .checks import summary
+    found = summary(result["data_checks"])
+    if found:
+        click.echo(f"note: {found}; `make report` lists them, `make extract DROP_DUPLICATES=1` leaves duplicates out")
 
 
 @cli.command()
@@ -142,8 +161,8 @@ def predict(head_file, inputs, out, weights, device, batch_size):
     """Classify image files or folders with the head's backbone; write path,label,score."""
     from .predict import predict_files
 
-    n = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size)
-    click.echo(f"classified {n} images -> {out}")
+    n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size)
+    click.echo(f"classified {n} images -> {out}" + (f" ({skipped} unreadable, listed with the reason)" if skipped else ""))
 
 
 @cli.command()

@@ -14,6 +14,7 @@ is keyed by everything that changes its values; the same request finds it and do
 nothing, any other request never reuses it. `python -m pipeline.bench` measures the
 loop against the forward pass alone.
 """
+import collections
 import ctypes
 import functools
 import os
@@ -30,14 +31,17 @@ import h5py
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
 from .backbones import pool, weights_tag
+from .checks import data_checks, summary
 from .datasets import DRAFT_FACTOR
-from .errors import PipelineError
-from .store import CacheWriter, partial_path, read_cache_settings
+from .errors import ImageDecodeError, PipelineError, StaleCacheError
+from .store import (CacheWriter, FeatureCache, Reuse, extraction_lock, partial_path, read_cache_settings,
+                    read_partial_settings, remove_partial)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,7 +52,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 @dataclass
 class ExtractResult:
     path: Path
-    status: str          # "hit" (cache already there), "extracted", "resumed"
+    status: str          # "hit" (cache already there), "extracted", "resumed", "updated"
     layers: list         # layer names in the cache
     rows: int            # rows computed by this call
     seconds: float
@@ -57,21 +61,35 @@ class ExtractResult:
 
 
 class ImageRows(Dataset):
-    """Rows `rows` of an ImageTable as (normalised tensor [3, H, W], row index).
+    """Rows `rows` of an ImageTable as (normalised tensor [3, H, W], row index, sha256 of the file,
+    why it could not be decoded or "").
 
-    `draft`: the size the transform resizes to; large JPEGs then decode at reduced scale
-    (see datasets.draft_decode), never below it. `threads`: how many decode a batch at once.
+    An image that cannot be decoded runs as zeros and is dropped from the cache with its reason:
+    one bad file never stops a run or moves a label. `draft`: the size the transform resizes to;
+    large JPEGs then decode at reduced scale (see datasets.draft_decode), never below it.
+    `threads`: how many decode a batch at once.
     """
 
     def __init__(self, table, transform, rows, draft=None, threads=1):
         self.table, self.transform, self.rows, self.draft, self.threads = table, transform, rows, draft, threads
+        self._blank = None
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, k):
         i = int(self.rows[k])
-        return self.transform(self.table.load_image(i, draft=self.draft)), i
+        try:
+            image, digest = self.table.load(i, draft=self.draft)
+        except ImageDecodeError as e:
+            return self.blank(), i, "", str(e) or "cannot decode"
+        return self.transform(image), i, digest, ""
+
+    def blank(self):
+        """Zeros shaped like the transform's output: what an undecodable image runs as."""
+        if self._blank is None:
+            self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
+        return self._blank
 
     def __getitems__(self, ks):
         """One batch (the DataLoader asks for batches this way); PIL and torch release the GIL."""
@@ -170,59 +188,135 @@ def device_description(device):
 
 
 def extract_features(table, backbone, layer_specs, features_dir, *, device="auto", precision="auto",
-                     batch_size=None, num_workers=None, progress=True, jpeg_draft=True):
+                     batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False):
     """Cache the codes of `layer_specs` for every image of `table`; see module docstring.
 
     `jpeg_draft`: decode JPEGs much larger than the model needs at reduced scale (faster; codes
-    within cosine 0.99 of full decoding). It is part of the cache key.
+    within cosine 0.99 of full decoding). It is part of the cache key. When the data set changed
+    since the cache was made, StaleCacheError says what changed, unless `update` (compute only new
+    and changed images, copy the rest, drop removed ones) or `rebuild` (start over).
     """
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     path = cache_path(features_dir, table.name, backbone)
-    layers = backbone.resolve(layer_specs)
     settings = cache_settings(table, backbone, precision, jpeg_draft)
-
-    existing = read_cache_settings(path) if path.exists() else None
-    note = ""
-    if existing is not None:
-        changed = _differences(existing, settings)
-        have = set(existing.get("layers", []))
-        if not changed and {layer.name for layer in layers} <= have:
-            return ExtractResult(path, "hit", sorted(have), 0, 0.0, 0.0,
-                                 f"{path}: cache found with these settings; nothing to do")
-        if not changed:  # same data and model, more layers: redo once with all of them
-            layers = backbone.resolve(list(existing["layers"]) + [layer.name for layer in layers])
-            note = f"adding layers to {path} (it had {', '.join(sorted(have))}); "
-        else:
-            note = f"{path} was made with other {', '.join(changed)}; rebuilding it (the old file stays until done); "
-    settings["layers"] = [layer.name for layer in layers]
-
-    writer = _resume_writer(path, settings)
-    start = writer.n_done if writer else 0
-    status = "resumed" if start else "extracted"
-    batch_size = batch_size or default_batch_size(device)
-    num_workers = default_workers(device) if num_workers is None else num_workers
-    t0 = time.perf_counter()
-    try:
+    with extraction_lock(path):
+        plan = plan_extraction(path, table, backbone, backbone.resolve(layer_specs), settings, update, rebuild)
+        if plan.todo is None:
+            return ExtractResult(path, "hit", plan.settings["layers"], 0, 0.0, 0.0, plan.note)
+        writer = _resume_writer(path, plan)
+        start = writer.n_done if writer else 0
+        status = "resumed" if start else "updated" if len(plan.reuse.rows) else "extracted"
+        batch_size = batch_size or default_batch_size(device)
+        num_workers = default_workers(device) if num_workers is None else num_workers
+        t0 = time.perf_counter()
         # worker processes (the GPU default) start decoding before the model is traced and the file made
-        batches = iter(image_loader(table, backbone.transform, np.arange(start, len(table)), device, batch_size,
+        batches = iter(image_loader(table, backbone.transform, plan.todo[start:], device, batch_size,
                                     num_workers, jpeg_draft))
-        model = backbone.extractor(layers)
-        writer = writer or _create_writer(path, table, backbone, model, layers, settings,
-                                          _penultimate_name(backbone, layer_specs, layers))
-        _run(model, batches, writer, device, precision, progress, f"{backbone.name} {table.name}", len(table))
+        model = backbone.extractor(plan.layers)
+        writer = writer or _create_writer(path, table, backbone, model, plan,
+                                          _penultimate_name(backbone, layer_specs, plan.layers))
+        _run(model, batches, writer, device, precision, progress, f"{backbone.name} {table.name}")
         seconds = time.perf_counter() - t0
-        rows = len(table) - start
+        rows = len(plan.todo) - start
         rate = rows / seconds if seconds > 0 else 0.0
         writer.finish({"device": device_description(device), "batch_size": batch_size,
                        "num_workers": num_workers, "images_per_s": round(rate, 2),
                        "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
-    finally:
-        if writer is not None:
-            writer.close()
-    message = (f"{note}{status} {rows} images -> {path} ({', '.join(settings['layers'])}; "
-               f"{precision} on {device.type}, {rate:.1f} images/s)")
-    return ExtractResult(path, status, settings["layers"], rows, seconds, rate, message)
+    with FeatureCache(path) as cache:
+        found = summary(data_checks(cache))
+    checks = f"\nnote: {found} (`make report` lists them)" if found else ""
+    message = (f"{plan.note}{status} {rows} images -> {path} ({', '.join(plan.settings['layers'])}; "
+               f"{precision} on {device.type}, {rate:.1f} images/s){checks}")
+    return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
+
+
+@dataclass
+class Plan:
+    """What one extract call does: which rows it computes (None: nothing, the cache is there)."""
+    layers: list
+    settings: dict       # the cache key, with "layers"
+    todo: np.ndarray     # table rows to compute, in order
+    reuse: Reuse         # rows copied from the cache being updated
+    split: np.ndarray    # the split to record per row
+    note: str = ""
+
+
+DATA_KEYS = ("dataset_fingerprint", "split_source", "duplicates")  # what --update can bring up to date
+
+
+def plan_extraction(path, table, backbone, layers, settings, update=False, rebuild=False):
+    """Compare the request with the cache at `path` -> Plan: a hit, a fresh run, or an update."""
+    def fresh(layers, note=""):
+        return Plan(layers, {**settings, "layers": [layer.name for layer in layers]},
+                    np.arange(len(table)), Reuse.none(), np.asarray(table.split), note)
+
+    existing = None if rebuild or not path.exists() else read_cache_settings(path)
+    if existing is None:
+        return fresh(layers, f"rebuilding {path}; " if rebuild and path.exists() else "")
+    changed = _differences(existing, settings)
+    have = list(existing.get("layers", []))
+    union = backbone.resolve(have + [layer.name for layer in layers if layer.name not in have])
+    if not changed:
+        if len(union) == len(have):
+            if read_partial_settings(path) == existing:
+                remove_partial(path)  # left by a run killed between its last rename and its clean-up
+            return Plan(union, existing, None, Reuse.none(), None, f"{path}: cache found with these settings; nothing to do")
+        return fresh(union, f"adding layers to {path} (it had {', '.join(have)}); ")
+    if not set(changed) <= set(DATA_KEYS):
+        return fresh(layers, f"{path} was made with other {', '.join(changed)}; rebuilding it (the old file stays until done); ")
+    with FeatureCache(path) as old:
+        change = DataChange.between(old, table)
+        if not update:
+            raise StaleCacheError(
+                f"{path}: the data set changed since this cache was made ({change}); run again with --update "
+                "(make extract UPDATE=1) to extract only new and changed images and keep the rest, "
+                "or --rebuild (REBUILD=1) to start over")
+        if len(union) > len(have):
+            return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")
+        split = np.asarray(table.split).copy()
+        split[change.kept_rows] = old.split[change.kept_from]  # old images keep their split: no leak into test
+        return Plan(union, {**settings, "layers": have}, np.setdiff1d(np.arange(len(table)), change.kept_rows),
+                    Reuse.from_cache(old, change.kept_rows, change.kept_from), split, f"updating {path}: {change}; ")
+
+
+@dataclass
+class DataChange:
+    """How a data set differs from the one a cache was made from, row by row (ids and stamps)."""
+    new: list
+    removed: list
+    changed: list
+    relabelled: list
+    retried: list           # skipped last time (unreadable ...), tried again
+    kept_rows: np.ndarray   # table rows whose codes stay valid ...
+    kept_from: np.ndarray   # ... and their rows in the cache
+
+    @classmethod
+    def between(cls, cache, table):
+        index = {id_: k for k, id_ in enumerate(cache.ids)}
+        stamps, skipped = cache.stamps, {id_ for id_, _ in cache.skipped}
+        new, changed, relabelled, retried, kept_rows, kept_from = [], [], [], [], [], []
+        for row, id_ in enumerate(table.ids):
+            k = index.get(id_)
+            if k is None:
+                (retried if id_ in skipped else new).append(id_)
+            elif stamps[k] != table.stamps[row]:
+                changed.append(id_)
+            else:
+                kept_rows.append(row)
+                kept_from.append(k)
+                if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]:
+                    relabelled.append(id_)
+        listed = set(table.ids)
+        removed = [id_ for id_ in cache.ids if id_ not in listed]
+        return cls(new, removed, changed, relabelled, retried, np.array(kept_rows, dtype=np.int64),
+                   np.array(kept_from, dtype=np.int64))
+
+    def __str__(self):
+        parts = [f"{len(ids)} {what} (first: {ids[0]})" for what, ids in
+                 (("new", self.new), ("removed", self.removed), ("changed", self.changed),
+                  ("relabelled", self.relabelled), ("skipped before, to retry", self.retried)) if ids]
+        return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
 
 
 def cache_settings(table, backbone, precision, jpeg_draft=True):
@@ -230,7 +324,8 @@ def cache_settings(table, backbone, precision, jpeg_draft=True):
     return {"dataset": table.name, "layout": table.layout, "dataset_fingerprint": table.fingerprint,
             "split_source": table.split_source, "model": backbone.name, "weights": backbone.weights,
             "weights_sha256": backbone.weights_sha256, "transform": _describe(backbone.transform),
-            "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft)}
+            "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft),
+            "duplicates": "dropped" if table.drop_duplicates else "kept"}
 
 
 def decode_setting(transform, jpeg_draft):
@@ -244,7 +339,7 @@ def draft_size(transform):
     return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
-_UNRECORDED = {"decode": "full"}  # caches made before a key was recorded: what they did
+_UNRECORDED = {"decode": "full", "duplicates": "kept"}  # caches made before a key was recorded: what they did
 
 
 def _differences(old, new):
@@ -255,12 +350,14 @@ def _describe(transform):
     return " ".join(repr(transform).split())
 
 
-def _resume_writer(path, settings):
-    """A writer continuing the matching partial file, or None (start a new one)."""
-    partial = partial_path(path)
-    if partial.exists() and read_cache_settings(partial) == settings:
-        return CacheWriter.resume(path)
-    return None
+def _resume_writer(path, plan):
+    """A writer continuing the interrupted run of this very plan, or None (start a new one)."""
+    if read_partial_settings(path) != plan.settings:
+        return None
+    writer = CacheWriter.resume(path)
+    if writer.reuse_source != plan.reuse.source or not np.array_equal(writer.todo, plan.todo):
+        return None
+    return writer
 
 
 def _penultimate_name(backbone, layer_specs, layers):
@@ -270,8 +367,9 @@ def _penultimate_name(backbone, layer_specs, layers):
     return backbone.resolve(["penultimate"])[0].name
 
 
-def _create_writer(path, table, backbone, model, layers, settings, penultimate):
-    """A new partial file; shapes and dims come from one dry run of the extractor."""
+def _create_writer(path, table, backbone, model, plan, penultimate):
+    """A new partial cache; shapes and dims come from one dry run of the extractor."""
+    layers, settings = plan.layers, plan.settings
     with torch.inference_mode():
         maps = model.body(torch.zeros(1, 3, backbone.input_size, backbone.input_size))  # {node: [1, ...]}
     layer_dims = {layer.name: (pool(maps[layer.node], layer.pooling).shape[1],
@@ -283,8 +381,9 @@ def _create_writer(path, table, backbone, model, layers, settings, penultimate):
              "penultimate": penultimate,
              "weights_source": backbone.weights_source, "dataset_root": str(Path(table.root).resolve())
              if table.layout != "digits" else str(table.root), "versions": library_versions()}
-    return CacheWriter.create(path, ids=table.ids, labels=table.labels, split=table.split,
-                              class_names=table.class_names, layer_dims=layer_dims, attrs=attrs)
+    return CacheWriter.create(path, ids=table.ids, labels=table.labels, split=plan.split, stamps=table.stamps,
+                              class_names=table.class_names, layer_dims=layer_dims, attrs=attrs,
+                              todo=plan.todo, reuse=plan.reuse, skipped=table.skipped)
 
 
 def library_versions():
@@ -294,7 +393,8 @@ def library_versions():
 
 
 def image_loader(table, transform, rows, device, batch_size, num_workers, jpeg_draft=True):
-    """Batches (images [B, 3, H, W] float32, row indices [B]) of `rows`: decoded in `num_workers`
+    """Batches (images [B, 3, H, W] float32, row indices [B], sha256 [B], failures [B]) of `rows`
+    (see ImageRows): decoded in `num_workers`
     processes while the model runs, or with none by one thread per core when the next batch is
     asked for (see default_workers); in pinned memory on a GPU so the copy overlaps compute."""
     draft = draft_size(transform) if jpeg_draft else None
@@ -310,13 +410,24 @@ def autocast_for(device, precision):
 
 
 def iter_codes(table, backbone, layers, rows, device, precision, batch_size, num_workers, jpeg_draft=True):
-    """Yield {layer name: codes [B, D] float32} for `rows` of `table`, in order.
+    """Yield ({layer name: codes [B, D] float32}, failures [B]) for `rows` of `table`, in order;
+    failures[i] says why image i could not be decoded ("" if it was; its codes are meaningless).
 
     Images are decoded and transformed as image_loader says; one forward pass
     gives every layer.
     """
     loader = image_loader(table, backbone.transform, rows, device, batch_size, num_workers, jpeg_draft)
-    yield from forward_codes(backbone.extractor(layers), loader, device, precision)
+    info = collections.deque()
+    for codes in forward_codes(backbone.extractor(layers), _images_only(loader, info), device, precision):
+        yield codes, info.popleft()[1]
+
+
+def _images_only(loader, info):
+    """(images, rows) of each batch for forward_codes; its (sha256, failures) go to the deque `info`,
+    to be taken in order as the codes come out."""
+    for images, rows, digests, failures in loader:
+        info.append((list(digests), list(failures)))
+        yield images, rows
 
 
 def prepare_model(model, device):
@@ -351,7 +462,7 @@ def forward_codes(model, batches, device, precision):
     """
     model = prepare_model(model, device)
     pending = None
-    for images, _ in batches:
+    for images, *_ in batches:
         with torch.inference_mode(), autocast_for(device, precision):
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, H, W]
             codes = _copy_to_host(model(images))
@@ -380,16 +491,19 @@ def _wait(pending):
     return {name: v.numpy() for name, v in host.items()}
 
 
-def _run(model, batches, writer, device, precision, progress, desc, total):
+def _run(model, batches, writer, device, precision, progress, desc):
     """Stream codes into the cache; the disk write of one batch overlaps the next forward pass."""
-    bar = tqdm(total=total, initial=writer.n_done, unit="img", disable=not progress, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=len(writer.todo), initial=writer.n_done, unit="img", disable=not progress, desc=desc,
+               dynamic_ncols=True)
+    info = collections.deque()
     pending = None
     with ThreadPoolExecutor(max_workers=1) as disk:
-        for codes in forward_codes(model, batches, device, precision):
+        for codes in forward_codes(model, _images_only(batches, info), device, precision):
+            digests, failures = info.popleft()
             if pending is not None:
                 pending.result()  # at most one batch waits for the disk; write errors surface here
-            pending = disk.submit(writer.append, codes)
-            bar.update(len(next(iter(codes.values()))))
+            pending = disk.submit(writer.append, codes, digests, failures)
+            bar.update(len(digests))
         if pending is not None:
             pending.result()
     bar.close()

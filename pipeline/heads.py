@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
+from .checks import data_checks
 from .errors import CacheError, PipelineError
 from .store import FeatureCache, read_head, write_head
 
@@ -165,6 +166,7 @@ def train_head(cache_file, layer, head, out_dir=None):
         X, y = cache.features(layer)
         split, ids, attrs, class_names = cache.split, cache.ids, cache.attrs, cache.class_names
         depth = cache.layer_attrs(layer).get("depth")
+        checks = data_checks(cache)
     parts = {s: split == s for s in ("train", "val", "test")}
     for s, mask in parts.items():
         if not mask.any():
@@ -200,7 +202,7 @@ def train_head(cache_file, layer, head, out_dir=None):
         "fit_seconds": round(fit_seconds, 3),
         "misclassified": [{"id": str(test_ids[i]), "true": class_names[y[parts["test"]][i]],
                            "predicted": class_names[y_pred[i]]} for i in wrong[:200]],
-        "cache": str(cache_file), "head_file": str(head_file),
+        "data_checks": checks, "cache": str(cache_file), "head_file": str(head_file),
         "extract_images_per_s": attrs.get("images_per_s"), "created": datetime.now(timezone.utc).isoformat(),
     }
     scaler, estimator = model[0], model[-1]

@@ -47,7 +47,7 @@ def backbone_for(head, weights=None):
 
 
 def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None):
-    """Write `path,label,score` for every image; returns the number classified."""
+    """Write `path,label,score,skipped` for every image -> (images classified, images skipped)."""
     head = LinearHead(head_file)
     paths = list_images(inputs)
     backbone = backbone_for(head, weights)
@@ -58,12 +58,18 @@ def predict_files(head_file, inputs, out, weights=None, device="auto", batch_siz
     batches = iter_codes(table, backbone, [layer], np.arange(len(paths)), device,
                          head.provenance.get("precision", "fp32"), batch_size or default_batch_size(device),
                          min(default_workers(), len(paths) // 16))
-    X = np.concatenate([codes[layer.name] for codes in batches])  # [N, D]
+    codes, failures = zip(*batches) if len(paths) else ((), ())
+    X = np.concatenate([c[layer.name] for c in codes])  # [N, D]
+    failures = [reason for batch in failures for reason in batch]
     pred, score = head.predict_with_scores(X)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "score"])
-        for path, k, s in zip(paths, pred, score):
-            writer.writerow([str(path), head.class_names[k], f"{s:.6f}"])
-    return len(paths)
+        writer.writerow(["path", "label", "score", "skipped"])
+        for path, k, s, reason in zip(paths, pred, score, failures):
+            if reason:  # undecodable: no label, and why
+                writer.writerow([str(path), "", "", reason])
+            else:
+                writer.writerow([str(path), head.class_names[k], f"{s:.6f}", ""])
+    skipped = sum(1 for reason in failures if reason)
+    return len(paths) - skipped, skipped

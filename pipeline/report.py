@@ -274,6 +274,21 @@ tr.random{background:#fde8e8;color:#777}tr.chosen{font-weight:bold}img{max-width
 .note{color:#a33}"""
 
 
+def checks_text(checks):
+    """The data checks of a cache (see pipeline.checks) as (paragraph, [list items])."""
+    if not checks:
+        return "No data checks recorded (a head trained before they existed).", []
+    head = (f"{checks['n_skipped']} images skipped; {checks['n_duplicate_groups']} groups of byte-identical images "
+            f"({checks['n_duplicate_images']} images): {checks['n_groups_across_splits']} span splits "
+            f"({checks['n_eval_images_seen_in_train']} val/test images also in train), "
+            f"{checks['n_groups_conflicting_labels']} with conflicting labels.")
+    items = [f"skipped {s['id']}: {s['reason']}" for s in checks["skipped"]]
+    items += [("labels disagree: " if g["conflicting_labels"] else "across splits: ")
+              + ", ".join(f"{i} ({label}, {split})" for i, label, split in zip(g["ids"], g["labels"], g["splits"]))
+              for g in checks["groups"]]
+    return head, items
+
+
 def write_html(path, runs, sections, warnings=()):
     """Self-contained page: the runs table, then per data set its best run's plots and tables."""
     rows_class = ["random" if r["weights"] == "random" else "chosen" if r.get("chosen") is True else "" for r in runs]
@@ -292,6 +307,10 @@ def write_html(path, runs, sections, warnings=()):
         parts.append(_html_table(CLASS_COLUMNS, _class_cells(best)))
         for depth_png in s["depth"]:
             parts.append("<h3>Accuracy against depth</h3>" + _img(depth_png, "accuracy against depth"))
+        text, items = checks_text(best.get("data_checks"))
+        parts.append(f"<h3>Data checks</h3><p>{html.escape(text)}</p>")
+        if items:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
         parts.append("<h3>Misclassified test images</h3>")
         parts.append(_img(s["strip"], "misclassified test images") if s["strip"]
                      else f"<p class=\"note\">No thumbnails: {html.escape(s['strip_note'])}.</p>")
@@ -312,6 +331,8 @@ def write_markdown(path, runs, sections, warnings=()):
                   f"Best on val: {best['model']}, {weights_label(best)}, {best['layer']}, {best['head']} "
                   f"(val {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}).", "",
                   _md(CLASS_COLUMNS, _class_cells(best))]
+        text, items = checks_text(best.get("data_checks"))
+        lines += ["", "### Data checks", "", text, ""] + [f"- {item}" for item in items]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return Path(path)
 

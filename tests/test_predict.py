@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 def test_predict_matches_the_cached_codes(trained, tmp_path):
     root, cache_path, result = trained
     out = tmp_path / "pred.csv"
-    assert predict_files(result["head_file"], [root / "test"], out, device="cpu") == 8
+    assert predict_files(result["head_file"], [root / "test"], out, device="cpu") == (8, 0)
     rows = list(csv.DictReader(open(out)))
     assert [r["path"] for r in rows] == sorted(str(p) for p in (root / "test").rglob("*.png"))
     truth = {r["path"]: r["path"].split("/")[-2] for r in rows}
@@ -42,7 +42,7 @@ def test_predict_matches_the_cached_codes(trained, tmp_path):
 def test_predict_single_file_and_errors(trained, tmp_path):
     root, _, result = trained
     out = tmp_path / "one.csv"
-    assert predict_files(result["head_file"], [root / "val" / "red" / "0.png"], out, device="cpu") == 1
+    assert predict_files(result["head_file"], [root / "val" / "red" / "0.png"], out, device="cpu") == (1, 0)
     with pytest.raises(DataError, match="no such file or folder"):
         list_images([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()

@@ -1,4 +1,5 @@
 """store.py: feature caches (write, resume, read, refuse) and head files."""
+import errno
 import json
 import os
 import subprocess
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CacheError, IncompleteCacheError
-from pipeline.store import (CACHE_FORMAT, HEAD_FORMAT, CacheWriter, FeatureCache, partial_path,
-                            read_cache_settings, read_head, write_head)
+from pipeline import store
+from pipeline.store import (CACHE_FORMAT, HEAD_FORMAT, CacheWriter, FeatureCache, Reuse, partial_path,
+                            read_cache_settings, read_head, read_partial_settings, write_head)
 
 REPO = Path(__file__).resolve().parents[1]
 N = 11
@@ -92,7 +94,7 @@ def test_round_trip_attrs_types(tmp_path):
         assert a["seconds"] == 1.5 and a["device"] == "cpu: test"  # from finish()
         assert a["format"] == CACHE_FORMAT
         assert a["complete"] is True
-        assert a["n_rows"] == N and a["n_done"] == N
+        assert a["n_rows"] == N and a["n_skipped"] == 0
 
 
 def test_round_trip_layer_attrs(tmp_path):
@@ -130,8 +132,10 @@ def test_chunk_size_within_h5py_advice(tmp_path, dim):
     path = tmp_path / "m.h5"
     writer = CacheWriter.create(path, ids=["a"], labels=[0], split=["train"], class_names=["x"],
                                 layer_dims={"l": (dim, {})}, attrs={})
-    chunks = writer.h5["layers"]["l"].chunks
-    writer.close()
+    writer.append({"l": np.zeros((1, dim), np.float32)})
+    writer.finish({})
+    with h5py.File(path, "r") as h5:
+        chunks = h5["layers"]["l"].chunks
     assert chunks[1] == dim
     assert 10 * 1024 <= 4 * chunks[0] * dim <= 1024 * 1024
 
@@ -199,22 +203,115 @@ def test_resume_continues_and_equals_uninterrupted(tmp_path):
         assert a.attrs == b.attrs
 
 
-def test_resume_after_a_half_written_batch(tmp_path):
-    """Killed after a layer grew but before n_done moved: the next append overwrites it."""
+def test_resume_ignores_what_a_kill_mid_write_leaves(tmp_path):
+    """A temporary file (killed before its rename) and a batch that does not follow on are dropped."""
     values = codes(2)
     path = tmp_path / "m.h5"
     writer = create(path)
     append_rows(writer, values, 0, 4)
-    ds = writer.h5["layers"]["pool"]
-    ds.resize(8, axis=0)
-    ds[4:8] = 999.0  # garbage the crash left behind
-    writer.close()
+    folder = partial_path(path)
+    (folder / "batch-0000000004-0000004.npz.tmp").write_bytes(b"half a batch")
+    np.savez(folder / "batch-0000000009-0000002.npz", rows=np.array([9, 10]))  # a gap before it
+    writer = CacheWriter.resume(path)
+    assert writer.n_done == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["batch-0000000000-0000004.npz", "meta.json", "table.npz"]
+    append_rows(writer, values, 4, N)
+    writer.finish({})
+    assert not folder.exists()
+    with FeatureCache(path) as cache:
+        np.testing.assert_array_equal(cache.features("pool")[0], values["pool"])
+        np.testing.assert_array_equal(cache.features("mid")[0], values["mid"])
+
+
+def test_skipped_rows_leave_the_cache_and_no_label_moves(tmp_path):
+    """Rows that failed to decode and rows the listing skipped are in /skipped, not in the layers."""
+    values = codes(4)
+    path = tmp_path / "m.h5"
+    writer = create(path, stamps=[f"{i}:1" for i in range(N)], skipped=[("images/gone.jpg", "no such file")])
+    failures = [""] * N
+    failures[2], failures[7] = "truncated image data", "not an image (cannot identify format)"
+    for lo in range(0, N, 4):
+        hi = min(lo + 4, N)
+        writer.append({name: v[lo:hi] for name, v in values.items()},
+                      sha256=[f"h{i}" for i in range(lo, hi)], failures=failures[lo:hi])
+    writer.finish({})
+    kept = [i for i in range(N) if not failures[i]]
+    with FeatureCache(path) as cache:
+        np.testing.assert_array_equal(cache.features("pool")[0], values["pool"][kept])
+        np.testing.assert_array_equal(cache.labels, LABELS[kept])
+        assert list(cache.ids) == [IDS[i] for i in kept] and list(cache.split) == [SPLIT[i] for i in kept]
+        assert list(cache.sha256) == [f"h{i}" for i in kept]
+        assert list(cache.stamps) == [f"{i}:1" for i in kept]
+        assert cache.skipped == [("images/gone.jpg", "no such file"), (IDS[2], "truncated image data"),
+                                 (IDS[7], "not an image (cannot identify format)")]
+        assert cache.attrs["n_rows"] == N - 2 and cache.attrs["n_skipped"] == 3
+
+
+def test_reused_rows_are_copied_from_the_old_cache(tmp_path):
+    """An update computes some rows and copies the others, in the new order."""
+    old_values = codes(6)
+    old = tmp_path / "old.h5"
+    build_cache(old, old_values)
+    new_ids = [IDS[5], "images/new.jpg", IDS[0], IDS[3]]  # row 1 is new, the rest come from the old cache
+    fresh = {name: np.full((1, d), 7.0, np.float32) for name, d in DIMS.items()}
+    with FeatureCache(old) as cache:
+        reuse = Reuse.from_cache(cache, rows=[0, 2, 3], from_rows=[5, 0, 3])
+    path = tmp_path / "new.h5"
+    writer = create(path, ids=new_ids, labels=[1, 0, 2, 1], split=["test", "train", "val", "train"],
+                    todo=[1], reuse=reuse)
+    writer.append(fresh)
+    writer.finish({})
+    with FeatureCache(path) as cache:
+        for name in DIMS:
+            got = cache.features(name)[0]
+            np.testing.assert_array_equal(got[[0, 2, 3]], old_values[name][[5, 0, 3]])
+            np.testing.assert_array_equal(got[1], fresh[name][0])
+        assert list(cache.ids) == new_ids and list(cache.labels) == [1, 0, 2, 1]
+
+
+def test_disk_full_while_writing_a_batch_keeps_what_was_written(tmp_path, monkeypatch):
+    values = codes(8)
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, values, 0, 4)
+    real_savez = np.savez
+
+    def full(f, **arrays):
+        f.write(b"partly")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(CacheError) as e:
+        writer.append({name: v[4:8] for name, v in values.items()})
+    assert "disk full" in str(e.value) and "re-run the same command to resume" in str(e.value)
+    assert not list(partial_path(path).glob("*.tmp"))
+    monkeypatch.setattr(np, "savez", real_savez)  # space is back
     writer = CacheWriter.resume(path)
     assert writer.n_done == 4
     append_rows(writer, values, 4, N)
     writer.finish({})
     with FeatureCache(path) as cache:
         np.testing.assert_array_equal(cache.features("pool")[0], values["pool"])
+
+
+def test_disk_full_while_assembling_keeps_every_batch(tmp_path, monkeypatch):
+    values = codes(9)
+    path = tmp_path / "m.h5"
+    writer = create(path)
+    append_rows(writer, values, 0, N)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_write_rows", full)
+        with pytest.raises(CacheError, match="disk full while assembling"):
+            writer.finish({})
+    assert not path.exists() and not path.with_name("m.h5.assembling").exists()
+    writer = CacheWriter.resume(path)
+    assert writer.n_done == N
+    writer.finish({})
+    with FeatureCache(path) as cache:
         np.testing.assert_array_equal(cache.features("mid")[0], values["mid"])
 
 
@@ -298,13 +395,19 @@ def test_hdf5_with_other_format_is_refused(tmp_path):
 
 def test_incomplete_file_under_the_final_name_is_refused(tmp_path):
     path = tmp_path / "m.h5"
-    writer = create(path)
-    append_rows(writer, codes(), 0, 5)
-    writer.close()
-    os.replace(partial_path(path), path)  # e.g. someone renamed a .partial by hand
+    with h5py.File(path, "w") as h5:  # e.g. copied while an older version was writing it
+        h5.attrs["format"] = CACHE_FORMAT
+        h5.attrs["complete"] = False
     with pytest.raises(CacheError) as e:
         FeatureCache(path)
     assert "not a complete" in str(e.value) and "delete it" in str(e.value)
+
+    other = tmp_path / "o.h5"
+    writer = create(other)
+    append_rows(writer, codes(), 0, 5)
+    os.replace(partial_path(other), other)  # someone renamed a .partial folder by hand
+    with pytest.raises(CacheError, match="is a folder") as e:
+        FeatureCache(other)
 
 
 def test_corrupt_partial_is_a_cache_error(tmp_path):
@@ -348,7 +451,7 @@ def test_reading_while_another_process_extracts(tmp_path, monkeypatch):
 def test_read_cache_settings(tmp_path):
     path = tmp_path / "m.h5"
     writer = create(path)
-    assert read_cache_settings(partial_path(path)) == SETTINGS
+    assert read_partial_settings(path) == SETTINGS and read_cache_settings(path) is None
     append_rows(writer, codes(), 0, N)
     writer.finish({})
     assert read_cache_settings(path) == SETTINGS

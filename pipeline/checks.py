@@ -1,0 +1,56 @@
+"""Data checks on a finished cache: the images it left out, and exact duplicates.
+
+Byte-identical images in two splits inflate test accuracy (the head has seen the
+answer), and identical images with different labels cap it. Both are found from
+the content hash stored per row, without opening an image:
+
+    with FeatureCache(path) as cache:
+        checks = data_checks(cache)   # JSON-ready: counts, the groups, the skipped ids
+"""
+import numpy as np
+
+LIMIT = 200  # groups and skipped ids listed; the counts are always complete
+
+
+def duplicate_groups(ids, sha256, labels, split, class_names):
+    """Groups of two or more rows with the same content hash -> [{"sha256", "ids", "labels", "splits"}]."""
+    sha256 = np.asarray(sha256)
+    known = np.flatnonzero(sha256 != "")
+    if len(known) == 0:
+        return []
+    _, inverse, counts = np.unique(sha256[known], return_inverse=True, return_counts=True)
+    groups = []
+    for g in np.flatnonzero(counts > 1):
+        rows = known[inverse == g]
+        groups.append({"sha256": str(sha256[rows[0]]), "ids": [str(ids[r]) for r in rows],
+                       "labels": [class_names[labels[r]] for r in rows], "splits": [str(split[r]) for r in rows]})
+    return groups
+
+
+def data_checks(cache, limit=LIMIT):
+    """What a report shows about a cache's data: skipped images and duplicate groups."""
+    groups = duplicate_groups(cache.ids, cache.sha256, cache.labels, cache.split, cache.class_names)
+    for g in groups:
+        g["across_splits"], g["conflicting_labels"] = len(set(g["splits"])) > 1, len(set(g["labels"])) > 1
+    train = {g["sha256"] for g in groups if "train" in g["splits"]}
+    seen_in_train = sum(s != "train" for g in groups if g["sha256"] in train for s in g["splits"])
+    skipped = cache.skipped
+    return {"n_skipped": len(skipped), "skipped": [{"id": i, "reason": r} for i, r in skipped[:limit]],
+            "n_duplicate_groups": len(groups), "n_duplicate_images": sum(len(g["ids"]) for g in groups),
+            "n_groups_across_splits": sum(g["across_splits"] for g in groups),
+            "n_groups_conflicting_labels": sum(g["conflicting_labels"] for g in groups),
+            "n_eval_images_seen_in_train": seen_in_train,
+            "groups": [g for g in groups if g["across_splits"] or g["conflicting_labels"]][:limit]}
+
+
+def summary(checks):
+    """One line for the terminal, or "" when there is nothing to say."""
+    parts = []
+    if checks["n_skipped"]:
+        parts.append(f"{checks['n_skipped']} images skipped")
+    if checks["n_groups_across_splits"]:
+        parts.append(f"{checks['n_eval_images_seen_in_train']} val/test images are byte-identical to train images "
+                     f"({checks['n_groups_across_splits']} duplicate groups span splits)")
+    if checks["n_groups_conflicting_labels"]:
+        parts.append(f"{checks['n_groups_conflicting_labels']} duplicate groups have conflicting labels")
+    return "; ".join(parts)
