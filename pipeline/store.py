@@ -435,8 +435,8 @@ class FeatureCache:
             if folder.exists():
                 done, total = partial_progress(self.path)
                 if done is None:
-                    raise IncompleteCacheError(
-                        f"{self.path}: not finished and {folder} is unreadable; delete it and run `make extract` again")
+                    raise IncompleteCacheError(f"{self.path}: not finished ({folder} was cut off before its first "
+                                               "batch); re-run the same `make extract` command")
                 raise IncompleteCacheError(
                     f"{self.path}: extraction stopped after {done} of {total} images; "
                     "re-run the same `make extract` command to resume it")

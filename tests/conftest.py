@@ -59,3 +59,13 @@ def small_vehicles(shared, tmp_path):
     with open(root / "emergency_train.csv", "w", newline="") as f:
         csv.writer(f).writerows([header] + picked)
     return root
+
+
+def assert_same_codes(actual, expected, rtol=1e-4):
+    """Codes equal within `rtol`, measured against the codes' own scale (random-weight
+    networks give codes near 1e-9, where a fixed atol would pass anything)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = float(np.abs(expected).max())
+    assert scale > 0, "all-zero codes compare nothing"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)

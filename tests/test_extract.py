@@ -4,12 +4,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_image
+from conftest import assert_same_codes, write_image
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
-from pipeline.errors import IncompleteCacheError
+from pipeline.errors import CacheError, IncompleteCacheError, StaleCacheError
 from pipeline.extract import extract_features, resolve_precision
-from pipeline.store import CacheWriter, FeatureCache, partial_path
+from pipeline.store import CacheWriter, FeatureCache, extraction_lock, partial_path
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 
@@ -60,14 +60,92 @@ def test_same_request_is_a_cache_hit(folder, backbone):
     assert "nothing to do" in again.message
 
 
+def codes_by_id(path, layer="avgpool"):
+    with FeatureCache(path) as cache:
+        return dict(zip(cache.ids, cache.features(layer)[0])), dict(zip(cache.ids, cache.split))
+
+
 def test_changed_data_is_never_served_from_the_old_cache(folder, backbone):
     first = run(folder, backbone)
     write_image(folder / "train" / "red" / "new.png", color=(250, 0, 0))
-    second = run(folder, backbone)
-    assert second.status == "extracted" and "dataset_fingerprint" in second.message
+    with pytest.raises(StaleCacheError) as e:
+        run(folder, backbone)
+    message = str(e.value)
+    assert "1 new (first: train/red/new.png)" in message and "--update" in message and "--rebuild" in message
+    second = run(folder, backbone, rebuild=True)
+    assert second.status == "extracted" and second.rows == 33 and first.path == second.path
     with FeatureCache(second.path) as cache:
         assert len(cache.ids) == 33 and "train/red/new.png" in set(cache.ids)
-    assert first.path == second.path
+
+
+def test_update_computes_only_new_and_changed_images(folder, backbone):
+    first = run(folder, backbone)
+    old, old_split = codes_by_id(first.path)
+    write_image(folder / "train" / "red" / "new.png", color=(250, 0, 0))
+    (folder / "val" / "blue" / "3.png").unlink()
+    write_image(folder / "test" / "red" / "1.png", size=(41, 30), color=(10, 200, 10))  # other pixels
+    with pytest.raises(StaleCacheError, match="1 new .*1 removed .*1 changed"):
+        run(folder, backbone)
+    updated = run(folder, backbone, update=True)
+    assert updated.status == "updated" and updated.rows == 2  # the new and the changed image
+    assert "1 new" in updated.message and "1 removed" in updated.message
+    now, now_split = codes_by_id(updated.path)
+    assert set(now) == set(old) - {"val/blue/3.png"} | {"train/red/new.png"}
+    for id_ in set(now) - {"train/red/new.png", "test/red/1.png"}:
+        np.testing.assert_array_equal(now[id_], old[id_])  # copied, not recomputed
+        assert now_split[id_] == old_split[id_]
+    assert not np.allclose(now["test/red/1.png"], old["test/red/1.png"], rtol=1e-3, atol=0)
+    updated.path.unlink()
+    fresh, _ = codes_by_id(run(folder, backbone).path)  # the same data from scratch
+    for id_ in now:
+        assert_same_codes(now[id_], fresh[id_])
+    assert run(folder, backbone, update=True).status == "hit"
+
+
+def test_relabelled_images_keep_their_codes(tmp_path, backbone):
+    root = tmp_path / "data" / "csvset"
+    for i in range(24):
+        write_image(root / "images" / f"{i}.png", size=(30 + i, 30), color=(20 * (i % 10), 40, 200))
+    lines = ["file,label"] + [f"{i}.png,{'ab'[i % 2]}" for i in range(24)]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    first = run(root, backbone)
+    old, _ = codes_by_id(first.path)
+    lines[1] = "0.png,b"
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    updated = run(root, backbone, update=True)
+    assert updated.rows == 0 and "1 relabelled (first: images/0.png)" in updated.message
+    with FeatureCache(updated.path) as cache:
+        row = list(cache.ids).index("images/0.png")
+        assert cache.class_names[cache.labels[row]] == "b"
+        np.testing.assert_array_equal(cache.features("avgpool")[0][row], old["images/0.png"])
+
+
+def test_bad_files_are_skipped_and_no_label_moves(folder, backbone):
+    clean = run(folder, backbone)
+    expected, _ = codes_by_id(clean.path)
+    with FeatureCache(clean.path) as cache:
+        labels = {i: cache.class_names[k] for i, k in zip(cache.ids, cache.labels)}
+    clean.path.unlink()
+    (folder / "train" / "red" / "empty.png").write_bytes(b"")
+    (folder / "train" / "blue" / "notes.png").write_text("not an image")
+    (folder / "val" / "red" / "cut.png").write_bytes((folder / "val" / "red" / "0.png").read_bytes()[:60])
+    result = run(folder, backbone)
+    assert "3 images skipped" in result.message
+    with FeatureCache(result.path) as cache:
+        skipped = dict(cache.skipped)
+        assert set(skipped) == {"train/red/empty.png", "train/blue/notes.png", "val/red/cut.png"}
+        assert "empty" in skipped["train/red/empty.png"] and "not an image" in skipped["train/blue/notes.png"]
+        assert {i: cache.class_names[k] for i, k in zip(cache.ids, cache.labels)} == labels
+        for id_, values in zip(cache.ids, cache.features("avgpool")[0]):
+            assert_same_codes(values, expected[id_])
+
+
+def test_a_second_extraction_is_told_who_holds_the_cache(folder, backbone):
+    path = folder.parent.parent / "features" / "toy" / "mobilenet_v2-random.h5"
+    with extraction_lock(path):
+        with pytest.raises(CacheError, match="another `make extract` is writing this cache \\(pid"):
+            run(folder, backbone)
+    assert run(folder, backbone).status == "extracted"
 
 
 def test_other_precision_is_another_cache(folder, backbone):
@@ -82,23 +160,29 @@ def test_more_layers_extends_the_cache(folder, backbone):
     assert run(folder, backbone, ["avgpool", "features.10:max"]).status == "hit"
 
 
-def test_interrupted_extraction_resumes_to_identical_rows(folder, backbone):
+def test_interrupted_extraction_resumes_to_identical_rows(folder, backbone, monkeypatch):
     full = run(folder, backbone, ["penultimate"])
     with FeatureCache(full.path) as cache:
         expected = cache.features("avgpool")[0]
     full.path.unlink()
-    # a crash after two batches: a .partial file with 10 of 32 rows
-    run(folder, backbone, ["penultimate"])
-    full.path.rename(partial_path(full.path))
-    with h5py.File(partial_path(full.path), "r+") as h5:
-        h5["layers/avgpool"].resize(10, axis=0)
-        h5.attrs["n_done"], h5.attrs["complete"] = 10, False
+    append = CacheWriter.append
+
+    def stop_after_two(writer, *args, **kwargs):
+        if writer.n_done == 10:
+            raise KeyboardInterrupt  # Ctrl-C while the third batch is written
+        append(writer, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "append", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, backbone, ["penultimate"])
+    monkeypatch.undo()
     with pytest.raises(IncompleteCacheError, match="10 of 32.*resume"):
         FeatureCache(full.path)
     resumed = run(folder, backbone, ["penultimate"])
     assert resumed.status == "resumed" and resumed.rows == 22
+    assert not partial_path(full.path).exists()
     with FeatureCache(full.path) as cache:
-        np.testing.assert_allclose(cache.features("avgpool")[0], expected, rtol=1e-5, atol=1e-6)
+        assert_same_codes(cache.features("avgpool")[0], expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("options", [{"batch_size": 1}, {"batch_size": 32, "num_workers": 2}])
@@ -109,7 +193,7 @@ def test_batch_size_and_workers_give_the_same_codes(folder, backbone, tmp_path, 
     reference.path.unlink()
     other = run(folder, backbone, **options)
     with FeatureCache(other.path) as cache:
-        np.testing.assert_allclose(cache.features("avgpool")[0], expected, rtol=1e-4, atol=1e-5)
+        assert_same_codes(cache.features("avgpool")[0], expected)
 
 
 def test_bf16_codes_stay_close_to_fp32(folder, backbone):

@@ -21,7 +21,12 @@ SHAPES = ["<circle>", "square", "triangle"]  # "<circle>" checks HTML escaping
 RUNS = [
     ("toys", "resnet18", "IMAGENET1K_V1", "layer2:avg", "softmax", 0, 0.80, 0.85, {}),
     # chosen on val by the sweep, and the best val of toys, but not the best test
-    ("toys", "resnet18", "IMAGENET1K_V1", "layer3:avg", "softmax", 1, 0.90, 0.70, {"chosen": True}),
+    ("toys", "resnet18", "IMAGENET1K_V1", "layer3:avg", "softmax", 1, 0.90, 0.70, {"chosen": True, "data_checks": {
+        "n_skipped": 1, "skipped": [{"id": "train/cat/bad.png", "reason": "truncated image data"}],
+        "n_duplicate_groups": 1, "n_duplicate_images": 2, "n_groups_across_splits": 1,
+        "n_groups_conflicting_labels": 1, "n_eval_images_seen_in_train": 1,
+        "groups": [{"sha256": "ab", "ids": ["train/cat/0.png", "test/dog/0.png"], "labels": ["cat", "dog"],
+                    "splits": ["train", "test"], "across_splits": True, "conflicting_labels": True}]}}),
     ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "softmax", 2, 0.85, 0.95, {"chosen": False}),
     ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "svm", 2, 0.88, 0.99, {}),
     ("toys", "resnet18", "random", "avgpool", "softmax", 2, 0.50, 0.50, {}),
@@ -107,6 +112,15 @@ def test_best_run_is_chosen_on_val_not_test(report):
     assert (tie["layer"], tie["head"]) == ("classifier.4", "softmax")  # first in sort order
     md = (report["dir"] / "report.md").read_text()
     assert "Best on val: resnet18, IMAGENET1K_V1, layer3:avg, softmax" in md
+
+
+def test_data_checks_of_the_best_run_are_shown(report):
+    md = (report["dir"] / "report.md").read_text()
+    assert "### Data checks" in md and "1 images skipped" in md and "1 val/test images also in train" in md
+    assert "- skipped train/cat/bad.png: truncated image data" in md
+    assert "- labels disagree: train/cat/0.png (cat, train), test/dog/0.png (dog, test)" in md
+    page = (report["dir"] / "index.html").read_text()
+    assert "<h3>Data checks</h3>" in page and "<li>skipped train/cat/bad.png: truncated image data</li>" in page
 
 
 def test_random_weights_are_marked_everywhere(report):
