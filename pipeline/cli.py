@@ -45,7 +45,7 @@ def _data_options(f):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: cores, at most 8).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
