@@ -264,7 +264,7 @@ def _load_state_dict(model, path, name):
                            "save one with torch.save(model.state_dict(), path)")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except RuntimeError:
         missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
         raise WeightsError(f"{path}: does not fit torchvision {name} ({len(missing)} missing, {len(unexpected)} "
                            f"unexpected keys, e.g. {sorted(missing or unexpected)[:2]}"

@@ -138,7 +138,7 @@ def ceiling(backbone, table, device, precision, batch_size, workers):
     -> (img/s, codes [N, D], the batches)."""
     [layer] = backbone.resolve(["penultimate"])
     loader = image_loader(table, backbone.transform, np.arange(len(table)), device, batch_size, workers)
-    batches = [images.to(device, memory_format=torch.channels_last) for images, _ in loader]  # [B, 3, H, W]
+    batches = [images.to(device, memory_format=torch.channels_last) for images, *_ in loader]  # [B, 3, H, W]
     model = prepare_model(backbone.extractor([layer]), device)
     rate, codes = forward_rate(model, batches, device, precision)
     return rate, codes[layer.name], batches

@@ -33,3 +33,7 @@ class IncompleteCacheError(CacheError):
 
 class StaleCacheError(CacheError):
     """The cache was made from other data or settings than asked for."""
+
+
+class ImageDecodeError(DataError):
+    """One image cannot be read or decoded; the message is the short reason it is skipped."""

@@ -38,10 +38,10 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import pool, weights_tag
 from .checks import data_checks, summary
-from .datasets import DRAFT_FACTOR
+from .images import DRAFT_FACTOR
 from .errors import ImageDecodeError, PipelineError, StaleCacheError
-from .store import (CacheWriter, FeatureCache, Reuse, extraction_lock, partial_path, read_cache_settings,
-                    read_partial_settings, remove_partial)
+from .store import (CacheWriter, FeatureCache, Reuse, extraction_lock, read_cache_settings, read_partial_settings,
+                    remove_partial)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,5 +1,4 @@
 """The CLI: thin commands, one-line errors that say what to do, never a traceback."""
-import pytest
 from click.testing import CliRunner
 
 from conftest import write_image

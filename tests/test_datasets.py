@@ -3,6 +3,7 @@
 Tiny data sets are built in tmp_path; the real ones come from ../shared (`shared`).
 """
 import csv
+import hashlib
 import os
 from collections import Counter
 
@@ -11,7 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_image
-from pipeline.datasets import load_dataset, draw_splits, to_rgb
+from pipeline.datasets import content_sha256, draw_splits, load_dataset
+from pipeline.images import to_rgb
 from pipeline.errors import DataError
 
 SPLITS = {"train", "val", "test"}
@@ -479,23 +481,16 @@ def test_error_missing_data_set_folder(tmp_path):
     assert "\n" not in message
 
 
-def test_error_csv_names_a_missing_file(tmp_path):
+def test_error_csv_naming_no_existing_file(tmp_path):
     root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
-    (root / "images" / "7.png").unlink()
+    for path in (root / "images").iterdir():
+        path.unlink()
     with pytest.raises(DataError) as e:
         load_dataset("veh", tmp_path)
     message = str(e.value)
-    assert "7.png" in message
-    assert "fix the CSV or restore the files" in message
+    assert "train.csv" in message and "no column names a file" in message
+    assert "relative to images/" in message
     assert "\n" not in message
-
-
-def test_error_csv_first_listed_file_missing_names_it(tmp_path):
-    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
-    (root / "images" / "0.png").unlink()
-    with pytest.raises(DataError) as e:
-        load_dataset("veh", tmp_path)
-    assert "0.png" in str(e.value)
 
 
 def test_error_csv_without_a_file_column(tmp_path):
@@ -578,13 +573,338 @@ def test_error_class_folders_without_images(tmp_path):
     assert "no layout recognised" in str(e.value)
 
 
-def test_error_class_too_small_to_stratify(tmp_path):
-    make_folder_set(tmp_path / "f", {"big": 20, "tiny": 1})
+def test_error_classes_too_small_to_stratify(tmp_path):
+    make_folder_set(tmp_path / "f", {f"c{k}": 3 for k in range(10)})  # a 15 % test split has 5 rows for 10 classes
     with pytest.raises(DataError) as e:
         load_dataset("f", tmp_path)
     message = str(e.value)
+    assert "cannot draw a stratified test split" in message
     assert "smallest class" in message and "add images" in message
     assert "\n" not in message
+
+
+def test_error_every_class_too_small_to_draw():
+    with pytest.raises(DataError, match="stratified test split: every class has fewer than 3 train images.*add images"):
+        draw_splits(np.array([0, 0, 1, 1]), seed=0)
+
+
+def test_error_only_a_test_folder(tmp_path):
+    make_folder_set(tmp_path / "xray" / "test", {"normal": 5, "sick": 5})
+    with pytest.raises(DataError, match="stratified val split: no train images to draw it from"):
+        load_dataset("xray", tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Small classes in a drawn split
+
+
+def test_class_too_small_to_stratify_stays_in_train(tmp_path):
+    make_folder_set(tmp_path / "f", {"big": 20, "tiny": 1})
+    table = load_dataset("f", tmp_path)
+    tiny = table.labels == table.class_names.index("tiny")
+    assert table.split[tiny].tolist() == ["train"]
+    assert set(table.split[~tiny]) == SPLITS
+    assert table.split_source.endswith("; classes with fewer than 3 images kept in train: tiny")
+
+
+def test_small_classes_kept_in_train_leave_the_other_draw_unchanged(tmp_path):
+    make_folder_set(tmp_path / "with", {"big": 20, "mid": 14, "pair": 2, "tiny": 1})
+    make_folder_set(tmp_path / "without", {"big": 20, "mid": 14})
+    mixed, plain = load_dataset("with", tmp_path), load_dataset("without", tmp_path)
+    assert mixed.class_names == ["big", "mid", "pair", "tiny"]
+    assert mixed.ids[:34] == plain.ids
+    np.testing.assert_array_equal(mixed.split[:34], plain.split)  # same seeded draw for the classes drawn
+    assert mixed.split[34:].tolist() == ["train"] * 3
+    assert mixed.split_source == plain.split_source + "; classes with fewer than 3 images kept in train: pair, tiny"
+
+
+def test_draw_splits_names_small_classes_by_number_without_names():
+    labels = np.array([0] * 20 + [1] * 20 + [2] * 2)
+    split, how = draw_splits(labels, seed=0)
+    assert split[40:].tolist() == ["train", "train"]
+    assert how.endswith("kept in train: 2")
+    split, how = draw_splits(labels, seed=0, class_names=["car", "bus", "tram"])
+    assert how.endswith("kept in train: tram")
+
+
+def test_small_class_in_own_train_folder_when_val_is_drawn(tmp_path):
+    root = tmp_path / "fruit"
+    make_folder_set(root / "Training", {"apple": 20, "pear": 20, "quince": 2})
+    make_folder_set(root / "Test", {"apple": 5, "pear": 5, "quince": 1})
+    table = load_dataset("fruit", tmp_path)
+    quince = table.labels == table.class_names.index("quince")
+    assert sorted(table.split[quince].tolist()) == ["test", "train", "train"]
+    assert (table.split == "val").sum() == 6
+    assert table.split_source.endswith("kept in train: quince")
+
+
+# ---------------------------------------------------------------------------
+# Hostile listings: rows are skipped with a reason, labels never shift
+
+
+def csv_rows(root, name="train.csv"):
+    return list(csv.reader(open(root / name, newline="", encoding="utf-8")))
+
+
+def labels_by_id(table):
+    return {i: table.class_names[k] for i, k in zip(table.ids, table.labels)}
+
+
+def expected_labels(rows, drop=()):
+    """{id: label} from CSV rows [file, label], leaving out the files in `drop`."""
+    return {f"images/{f}": label for f, label in rows[1:] if f not in drop}
+
+
+def test_csv_missing_file_is_skipped(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    (root / "images" / "7.png").unlink()
+    (root / "images" / "0.png").unlink()  # the first row too: the file column is still found
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/0.png", "no such file"), ("images/7.png", "no such file")]
+    assert len(table) == 18
+    assert labels_by_id(table) == expected_labels(csv_rows(root), drop={"0.png", "7.png"})
+
+
+def test_csv_directory_named_as_a_file_is_skipped(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    (root / "images" / "sub").mkdir()
+    rows = csv_rows(root) + [["sub", "1"]]
+    write_csv(root / "train.csv", rows)
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/sub", "not a file")]
+    assert labels_by_id(table) == expected_labels(rows, drop={"sub"})
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "../nothing.png", "sub/../../outside.png"])
+def test_csv_path_escaping_is_an_error_even_when_missing(tmp_path, name):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    write_image(root / "outside.png")
+    write_csv(root / "train.csv", csv_rows(root) + [[name, "1"]])
+    with pytest.raises(DataError) as e:
+        load_dataset("veh", tmp_path)
+    message = str(e.value)
+    assert f"train.csv:22: {name!r} points outside" in message
+    assert "only name files inside images/" in message and "\n" not in message
+
+
+def test_csv_same_file_listed_twice_with_same_label_keeps_the_first(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    rows = csv_rows(root) + [["3.png", "0"], ["./3.png", "0"]]
+    write_csv(root / "train.csv", rows)
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/3.png", "duplicate of images/3.png (line 5)"),
+                             ("images/./3.png", "duplicate of images/3.png (line 5)")]
+    assert table.ids.count("images/3.png") == 1 and len(table) == 20
+    assert labels_by_id(table) == expected_labels(csv_rows(root)[:21])
+
+
+def test_csv_same_file_with_conflicting_labels_skips_every_row(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    rows = csv_rows(root) + [["3.png", "1"], ["12.png", "0"], ["12.png", "1"]]
+    write_csv(root / "train.csv", rows)
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/3.png", "listed twice with labels 0 and 1 (lines 5 and 22)"),
+                             ("images/12.png", "listed 3 times with labels 1 and 0 (lines 14, 23 and 24)"),
+                             ("images/3.png", "listed twice with labels 0 and 1 (lines 5 and 22)"),
+                             ("images/12.png", "listed 3 times with labels 1 and 0 (lines 14, 23 and 24)"),
+                             ("images/12.png", "listed 3 times with labels 1 and 0 (lines 14, 23 and 24)")]
+    assert len(table) == 18
+    assert labels_by_id(table) == expected_labels(rows[:21], drop={"3.png", "12.png"})
+
+
+def test_csv_empty_label_is_skipped_with_its_line(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    rows = csv_rows(root)
+    rows[6][1], rows[15][1] = "", "  "
+    write_csv(root / "train.csv", rows)
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/5.png", "empty label (train.csv line 7)"),
+                             ("images/14.png", "empty label (train.csv line 16)")]
+    assert labels_by_id(table) == expected_labels(rows, drop={"5.png", "14.png"})
+
+
+def test_csv_line_numbers_count_blank_lines_and_multiline_fields(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]), header=("file", "label"), extra="note")
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[2] = lines[2].replace("note1", '"two\nlines"')  # 1.png's row spans two lines
+    lines.insert(1, "")                                   # a blank line 2
+    text = "\n".join(lines) + "\n"                         # 0.png on line 3, 1.png on 4-5, 2.png on 6 ...
+    text = text.replace("5.png,0,", "5.png,,")             # ... and 5.png on line 9
+    (root / "train.csv").write_text(text)
+    table = load_dataset("veh", tmp_path)
+    assert table.skipped == [("images/5.png", "empty label (train.csv line 9)")]
+    assert len(table) == 19
+
+
+def test_csv_every_row_skipped_is_an_error(tmp_path):
+    root = make_csv_set(tmp_path / "veh", ["0", "1", "0"])
+    write_csv(root / "train.csv", [["file", "label"], ["0.png", ""], ["1.png", "1"], ["1.png", "0"], ["9.png", "1"]])
+    with pytest.raises(DataError) as e:
+        load_dataset("veh", tmp_path)
+    message = str(e.value)
+    assert "train.csv: all 4 listed images were skipped" in message
+    assert "images/0.png: empty label (train.csv line 2)" in message
+    assert "images/1.png: listed twice with labels 1 and 0 (lines 3 and 4)" in message
+    assert "fix those rows or files" in message and "\n" not in message
+
+
+def test_csv_names_with_spaces_commas_and_unicode(tmp_path):
+    root = tmp_path / "odd"
+    names = ["a b.png", "c,d.png", "é.png", "日本 語.png", "q'uote\".png", "  lead.png"]
+    rows = [["file", "label"]]
+    for k, name in enumerate(names * 4):
+        name = f"{k}-{name}"
+        write_image(root / "images" / name, size=(5, 5), color=(k * 9, 40, 40))
+        rows.append([name, "xy"[k % 2]])
+    write_csv(root / "t.csv", rows)
+    table = load_dataset("odd", tmp_path)
+    assert table.skipped == []
+    assert labels_by_id(table) == expected_labels(rows)
+    assert table.load_image(table.ids.index("images/3-日本 語.png")).size == (5, 5)
+
+
+def test_imagefolder_names_with_spaces_commas_and_unicode(tmp_path):
+    make_folder_set(tmp_path / "f", {"a b": 10, "ç,d": 10})
+    write_image(tmp_path / "f" / "a b" / "x, y é.png", size=(6, 6))
+    table = load_dataset("f", tmp_path)
+    assert table.skipped == [] and len(table) == 21
+    assert labels_by_id(table)["a b/x, y é.png"] == "a b"
+    assert all(labels_by_id(table)[i] == i.split("/")[0] for i in table.ids)
+
+
+def test_imagefolder_name_not_utf8_is_skipped(tmp_path):
+    root = make_folder_set(tmp_path / "f", {"a": 10, "b": 10})
+    bad = os.fsencode(root / "a") + b"/bad\xff name.png"
+    with open(bad, "wb") as f:
+        f.write((root / "a" / "0.png").read_bytes())
+    os.mkdir(os.fsencode(root) + b"/cl\xe9ss")
+    with open(os.fsencode(root) + b"/cl\xe9ss/1.png", "wb") as f:
+        f.write((root / "a" / "1.png").read_bytes())
+    table = load_dataset("f", tmp_path)
+    assert table.skipped == [("a/bad\\xff name.png", "file name is not valid UTF-8; rename it"),
+                             ("cl\\xe9ss/1.png", "file name is not valid UTF-8; rename it")]
+    assert table.class_names == ["a", "b"] and len(table) == 20
+    assert all(labels_by_id(table)[i] == i.split("/")[0] for i in table.ids)
+
+
+def test_imagefolder_every_image_skipped_is_an_error(tmp_path):
+    root = tmp_path / "f"
+    os.makedirs(os.fsencode(root) + b"/a")
+    with open(os.fsencode(root) + b"/a/\xff.png", "wb") as f:
+        f.write(b"whatever")
+    with pytest.raises(DataError, match=r"all 1 listed images were skipped \(first: a/\\xff.png: file name"):
+        load_dataset("f", tmp_path)
+
+
+def test_stamps_are_size_and_mtime_per_row(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    table = load_dataset("veh", tmp_path)
+    assert len(table.stamps) == len(table)
+    for rel, stamp in zip(table.ids, table.stamps):
+        st = (root / rel).stat()
+        assert stamp == f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def test_stamps_of_pixel_rows_are_their_sha256(tmp_path):
+    make_pixel_set(tmp_path / "px", balanced(10, [0, 1]))
+    table = load_dataset("px", tmp_path)
+    for i, stamp in enumerate(table.stamps):
+        assert stamp == hashlib.sha256(table.pixels[i].tobytes()).hexdigest() == table.load(i)[1]
+
+
+def test_fingerprint_of_clean_data_is_the_plain_digest(tmp_path):
+    """No skipped rows, no duplicate rule: the digest existing caches were keyed by."""
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    digest = hashlib.sha256(b"csv:train.csv:emergency_or_not\n")
+    for f, label in csv_rows(root)[1:]:
+        st = (root / "images" / f).stat()
+        digest.update(f"images/{f}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    assert load_dataset("veh", tmp_path).fingerprint == digest.hexdigest()
+
+
+def test_fingerprint_changes_with_the_skipped_rows(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    clean = load_dataset("veh", tmp_path)
+    rows = csv_rows(root)
+    write_csv(root / "train.csv", rows + [["gone.png", "1"]])
+    missing = load_dataset("veh", tmp_path)
+    write_csv(root / "train.csv", rows + [["gone2.png", "1"]])
+    other_missing = load_dataset("veh", tmp_path)
+    assert missing.ids == clean.ids and missing.labels.tolist() == clean.labels.tolist()
+    assert len({clean.fingerprint, missing.fingerprint, other_missing.fingerprint}) == 3
+
+
+# ---------------------------------------------------------------------------
+# drop_duplicates
+
+
+def test_drop_duplicates_csv(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    images = root / "images"
+    (images / "5.png").write_bytes((images / "2.png").read_bytes())    # same label (0)
+    (images / "9.png").write_bytes((images / "2.png").read_bytes())    # same label (0)
+    (images / "13.png").write_bytes((images / "3.png").read_bytes())   # label 1 against 0
+    kept = load_dataset("veh", tmp_path)
+    dropped = load_dataset("veh", tmp_path, drop_duplicates=True)
+    assert kept.skipped == [] and not kept.drop_duplicates and len(kept) == 20
+    assert dropped.drop_duplicates
+    assert dropped.skipped == [("images/3.png", "same content as images/13.png with other labels"),
+                               ("images/5.png", "same content as images/2.png"),
+                               ("images/9.png", "same content as images/2.png"),
+                               ("images/13.png", "same content as images/3.png with other labels")]
+    assert labels_by_id(dropped) == expected_labels(csv_rows(root), drop={"3.png", "5.png", "9.png", "13.png"})
+    assert len(set(content_sha256(dropped))) == len(dropped) == 16
+    assert dropped.stamps == [kept.stamps[kept.ids.index(i)] for i in dropped.ids]
+    assert dropped.fingerprint != kept.fingerprint
+
+
+def test_drop_duplicates_without_duplicates_still_changes_the_fingerprint(tmp_path):
+    make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    plain = load_dataset("veh", tmp_path)
+    dropped = load_dataset("veh", tmp_path, drop_duplicates=True)
+    assert dropped.skipped == [] and dropped.ids == plain.ids
+    np.testing.assert_array_equal(dropped.split, plain.split)
+    assert dropped.fingerprint != plain.fingerprint
+
+
+def test_drop_duplicates_pixel_rows_keep_their_row_numbers(tmp_path):
+    root, pixels = make_pixel_set(tmp_path / "px", balanced(10, [0, 1]))
+    rows = csv_rows(root, "pixels.csv")
+    rows[5] = list(rows[2])                  # row 4 = row 1, label 0 too
+    rows[15] = [rows[2][0]] + rows[14][1:]   # row 14 = row 13 in pixels, but labelled 0 against 1
+    write_csv(root / "pixels.csv", rows)
+    table = load_dataset("px", tmp_path, drop_duplicates=True)
+    assert table.skipped == [("4", "same content as 1"), ("13", "same content as 14 with other labels"),
+                             ("14", "same content as 13 with other labels")]
+    assert len(table) == 17 and "4" not in table.ids and "13" not in table.ids
+    for k, row in enumerate(table.ids):
+        assert table.class_names[table.labels[k]] == rows[int(row) + 1][0]
+        np.testing.assert_array_equal(np.asarray(table.load_image(k))[..., 0].ravel(),
+                                      [int(v) for v in rows[int(row) + 1][1:]])
+
+
+def test_drop_duplicates_imagefolder_keeps_the_first_listed(tmp_path):
+    root = make_folder_set(tmp_path / "f", {"a": 10})
+    for i in range(10):
+        write_image(root / "b" / f"{i}.png", size=(6, 6), color=(90, 10 * i, 50))
+    (root / "a" / "7.png").write_bytes((root / "a" / "1.png").read_bytes())
+    (root / "b" / "4.png").write_bytes((root / "a" / "2.png").read_bytes())
+    table = load_dataset("f", tmp_path, drop_duplicates=True)
+    assert table.skipped == [("a/2.png", "same content as b/4.png with other labels"),
+                             ("a/7.png", "same content as a/1.png"),
+                             ("b/4.png", "same content as a/2.png with other labels")]
+    assert all(labels_by_id(table)[i] == i.split("/")[0] for i in table.ids)
+
+
+def test_content_sha256_is_the_hash_load_gives(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    table = load_dataset("veh", tmp_path)
+    (root / "images" / "4.png").unlink()
+    hashes = content_sha256(table)
+    assert hashes == content_sha256(table.root, table.ids)
+    assert hashes[4] is None  # unreadable now: left to extraction to skip
+    for i in (0, 9):
+        assert hashes[i] == table.load(i)[1] == hashlib.sha256((root / table.ids[i]).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -621,3 +941,20 @@ def test_real_fashion_mnist_subset(shared):
     assert table.class_names == [str(c) for c in range(10)]
     img = table.load_image(0)
     assert img.mode == "RGB" and img.size == (28, 28)
+
+
+def test_real_vehicles_drop_duplicates(shared):
+    """The vehicles set holds 68 groups of byte-identical images (148 rows); two groups mix labels."""
+    plain = load_dataset("vehicles", shared / "data")
+    table = load_dataset("vehicles", shared / "data", drop_duplicates=True)
+    reasons = Counter("other labels" if r.endswith("with other labels") else r.split(" as ")[0]
+                      for _, r in table.skipped)
+    assert reasons == {"same content": 74, "other labels": 8}
+    conflicting = {i for i, r in table.skipped if r.endswith("with other labels")}
+    assert conflicting == {f"images/{n}.jpg" for n in (523, 709, 872, 1302, 1356, 1906, 54, 2029)}
+    assert len(table) == 1646 - 82 and not set(table.ids) & {i for i, _ in table.skipped}
+    assert Counter(table.class_names[k] for k in table.labels) == {"0": 902, "1": 662}
+    rows = csv_rows(shared / "data" / "vehicles", "emergency_train.csv")
+    assert labels_by_id(table) == {i: label for i, label in expected_labels(rows).items() if i in table.ids}
+    assert len(set(content_sha256(table))) == len(table)
+    assert table.fingerprint != plain.fingerprint and plain.skipped == []

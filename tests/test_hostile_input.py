@@ -1,16 +1,22 @@
 """Property-based tests: malformed CSVs, layouts and head files give a PipelineError
 (one line that says what to do) or a correct result, never another exception."""
+import csv
+import io
+import os
 import string
+import warnings
 
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from conftest import write_image
 from pipeline.datasets import load_dataset
-from pipeline.errors import CacheError, PipelineError
+from pipeline.images import decode_image
+from pipeline.errors import CacheError, DataError, ImageDecodeError, PipelineError
 from pipeline.store import HEAD_FORMAT, read_head
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -20,9 +26,11 @@ rows = st.lists(st.lists(cells, min_size=0, max_size=4), min_size=0, max_size=8)
 
 def check_table(table):
     n = len(table)
-    assert n > 0 and len(table.labels) == n and len(table.split) == n
+    assert n > 0 and len(table.labels) == n and len(table.split) == n and len(table.stamps) == n
     assert set(table.split) <= {"train", "val", "test"}
     assert table.labels.min() >= 0 and table.labels.max() < len(table.class_names)
+    assert len(set(table.ids)) == n  # a file is kept at most once
+    assert all(isinstance(reason, str) and reason and "\n" not in reason for _, reason in table.skipped)
 
 
 def csv_text(header, body):
@@ -97,5 +105,139 @@ def test_csv_paths_cannot_escape_the_data_set(tmp_path, name):
     (root / "images" / "link.png").symlink_to(outside)  # a symlink pointing out of the data set
     name = str(outside) if name.startswith("/abs") else name
     (root / "labels.csv").write_text(f"file,label\na.png,x\n{name},y\n")
-    with pytest.raises(PipelineError, match=r"do not exist inside .*images"):
+    with pytest.raises(DataError, match=r"labels.csv:3: .* points outside .*images; the CSV may only name"):
         load_dataset("set", tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# CSV rows with missing files, empty labels, repeats: kept labels always match their rows
+
+POOL = [f"{i}.png" for i in range(24)] + ["a b.png", "c,d.png", "é.png"]
+names = st.sampled_from(POOL + ["./0.png", "sub/../1.png", "missing.png", "", "  ", "sub", "x\x00y.png"])
+labels = st.sampled_from(["0", "1", " 1 ", "cat", "", " "])
+
+
+@pytest.fixture
+def pool_set(tmp_path):
+    """set/images/ with the POOL images (and a folder `sub`); each example writes its own CSV."""
+    root = tmp_path / "set"
+    for k, name in enumerate(POOL):
+        write_image(root / "images" / name, size=(4, 4), color=(k * 9, 40, 80))
+    (root / "images" / "sub").mkdir()
+    return root
+
+
+def expected_kept(body):
+    """What the rows promise: {first spelling's id: label} for files every labelled row agrees on."""
+    rows = {}  # file -> (first id, labels)
+    for name, label in body:
+        path = os.path.normpath(name) if name.strip() and "\x00" not in name else None
+        if path in POOL and label.strip():
+            first, seen = rows.setdefault(path, (f"images/{name}", set()))
+            seen.add(label.strip())
+    return {first: seen.pop() for first, seen in rows.values() if len(seen) == 1}
+
+
+CLEAN = [(f"{i}.png", "01"[i % 2]) for i in range(16)]  # enough good rows that most examples load
+
+
+@SETTINGS
+@given(data=st.data(), extra=st.lists(st.tuples(names, labels), max_size=40), clean=st.integers(0, len(CLEAN)))
+def test_csv_rows_keep_their_labels_or_fail_cleanly(pool_set, data, extra, clean):
+    body = data.draw(st.permutations(CLEAN[:clean] + extra))
+    text = io.StringIO()
+    csv.writer(text).writerows([("file", "label")] + body)
+    (pool_set / "labels.csv").write_text(text.getvalue(), encoding="utf-8")
+    expected = expected_kept(body)
+    try:
+        table = load_dataset("set", pool_set.parent)
+    except DataError as e:
+        message = str(e)
+        event(message.split(": ", 1)[-1][:40])  # --hypothesis-show-statistics shows how examples ended
+        assert "\n" not in message
+        if expected:  # only the split can fail
+            assert "cannot draw a stratified" in message
+        else:
+            assert "were skipped" in message or "no column names a file" in message or "needs a header" in message
+        return
+    event("loaded")
+    check_table(table)
+    assert {i: table.class_names[k] for i, k in zip(table.ids, table.labels)} == expected
+    assert len(table) + len(table.skipped) == len([row for row in body if any(c.strip() for c in row)])
+
+
+# ---------------------------------------------------------------------------
+# Damaged image bytes decode or give ImageDecodeError, never another exception
+
+
+def encoded(fmt):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    (img.convert("P") if fmt == "GIF" else img).save(out, fmt)
+    return out.getvalue()
+
+
+VALID = {fmt: encoded(fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")}
+
+
+@SETTINGS
+@given(fmt=st.sampled_from(sorted(VALID)), cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 399),
+       st.integers(0, 255)), max_size=6), tail=st.binary(max_size=20))
+def test_damaged_image_bytes_decode_or_skip(monkeypatch, fmt, cut, flips, tail):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # a damaged header may claim any size
+    data = bytearray(VALID[fmt][:cut] if cut < len(VALID[fmt]) else VALID[fmt])
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = decode_image(bytes(data) + tail)
+    except ImageDecodeError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert img.mode == "RGB" and img.width >= 1 and img.height >= 1
+
+
+# ---------------------------------------------------------------------------
+# Image folders with odd file names: labelled by their folder, or skipped when not UTF-8
+
+file_names = st.one_of(st.text(alphabet=string.ascii_letters + " ,.'-éü日", min_size=1, max_size=10),
+                       st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\x00" not in b))
+
+
+@SETTINGS
+@given(files=st.lists(st.tuples(st.sampled_from(["a", "b"]), file_names), max_size=12))
+def test_imagefolder_odd_names_keep_their_class(tmp_path_factory, files):
+    root = tmp_path_factory.mktemp("f") / "set"
+    for cls in ("a", "b"):
+        for i in range(8):
+            write_image(root / cls / f"{i}.png", size=(4, 4))
+    written = set()
+    for cls, name in files:
+        raw = name if isinstance(name, bytes) else name.encode()
+        if raw in (b".", b"..") or raw.startswith(b"."):
+            continue
+        path = os.fsencode(root / cls) + b"/" + raw + b".png"
+        if os.path.exists(path):  # one of the 16 fillers, or written already
+            continue
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG not really")
+        written.add((cls, raw))
+    table = load_dataset("set", root.parent)
+    check_table(table)
+    assert all(table.class_names[k] == i.split("/")[0] for i, k in zip(table.ids, table.labels))
+    bad = {(cls, raw) for cls, raw in written if not _is_utf8(raw + b".png")}
+    assert len(table) == 16 + len(written) - len(bad)
+    assert sorted(table.skipped) == sorted(
+        (f"{cls}/{(raw + b'.png').decode('utf-8', 'backslashreplace')}", "file name is not valid UTF-8; rename it")
+        for cls, raw in bad)
+
+
+def _is_utf8(raw):
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -10,7 +10,6 @@ from pipeline.errors import DataError, WeightsError
 from pipeline.extract import extract_features
 from pipeline.heads import train_head
 from pipeline.predict import list_images, predict_files
-from pipeline.store import FeatureCache
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import write_image
 from pipeline.backbones import load_backbone
 from pipeline.bench import cosine, photo
-from pipeline.datasets import ImageTable, draft_decode, load_dataset
+from pipeline.datasets import ImageTable, load_dataset
+from pipeline.images import draft_decode
 from pipeline.extract import extract_features, forward_codes, resolve_precision
 from pipeline.store import FeatureCache
 

@@ -1,6 +1,5 @@
 """store.py: feature caches (write, resume, read, refuse) and head files."""
 import errno
-import json
 import os
 import subprocess
 import sys
