@@ -49,6 +49,7 @@ from .datasets import load_dataset
 from .errors import PipelineError
 from .extract import (autocast_for, default_batch_size, default_workers, extract_features, image_loader,
                       native_cpu_bf16, prepare_model, resolve_device, resolve_precision)
+from .store import FeatureCache
 
 SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
 QUALITY = 90
@@ -285,7 +286,8 @@ def tree_pss_mb(pid):
 
 def vehicles_accuracy(shared, device, batch_size, workers, work):
     """Softmax-head test accuracy on vehicles from an fp32 cache and from a bf16 cache (MobileNetV2,
-    real weights) -> {precision: accuracy}, or None without the weights."""
+    real weights), and the cosine of their codes -> {precision: accuracy, "cosine": [N]}, or None
+    without the weights."""
     from .heads import train_head
 
     weights = Path(shared) / MOBILENET_WEIGHTS
@@ -293,13 +295,15 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
     backbone = load_backbone("mobilenet_v2", str(weights))
-    accuracy = {}
+    accuracy, codes = {}, {}
     for precision in ("fp32", "bf16"):
         features = Path(work) / f"vehicles-{precision}"
         result = extract_features(table, backbone, ["penultimate"], features, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=False)
         accuracy[precision] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
-    return accuracy
+        with FeatureCache(result.path) as cache:
+            codes[precision] = cache.features(cache.layers[0])[0]
+    return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"])}
 
 
 def machine(device):
@@ -404,7 +408,9 @@ def bf16_figures(similarity, compared, scores):
             "bf16_cosine_min": round(float(similarity.min()), 6), "bf16_cosine_images": compared,
             "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
             "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
-            "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2)}
+            "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
+            "vehicles_bf16_cosine_mean": scores and round(float(scores["cosine"].mean()), 6),
+            "vehicles_bf16_cosine_min": scores and round(float(scores["cosine"].min()), 6)}
 
 
 def _met(key, value, target):
@@ -442,7 +448,8 @@ def table_text(r):
     if r["vehicles_softmax_test_acc_fp32"] is not None:
         lines.append(f"  {'':<9} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
                      f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
-                     f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points)")
+                     f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points); MobileNetV2 codes of bf16 to "
+                     f"fp32: cosine mean {r['vehicles_bf16_cosine_mean']:.5f}, min {r['vehicles_bf16_cosine_min']:.5f}")
     lines.append(f"  ({r['seconds']:.0f} s in all)")
     return "\n".join(line for line in lines if line is not None)
 
