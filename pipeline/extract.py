@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .backbones import pool, weights_tag
+from .backbones import Extractor, pool, weights_tag
 from .checks import data_checks, summary
 from .images import DRAFT_FACTOR
 from .errors import ImageDecodeError, PipelineError, StaleCacheError
@@ -431,9 +431,12 @@ def _images_only(loader, info):
 
 
 def prepare_model(model, device):
-    """The extractor as the loop runs it: on `device`, channels_last (on CPU, memory kept for reuse)."""
+    """The extractor as the loop runs it: BatchNorm folded into convolutions, on `device`,
+    channels_last (on CPU, memory kept for reuse)."""
     if device.type == "cpu":
         keep_freed_memory()
+    if isinstance(model, Extractor):
+        model.fold_batchnorm()
     return model.to(device, memory_format=torch.channels_last)
 
 

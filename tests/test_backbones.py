@@ -128,3 +128,29 @@ def test_default_weights_offline_names_both_remedies(monkeypatch, tmp_path):
     message = str(err.value)
     assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message  # where to put the file
     assert "WEIGHTS=/path/to/resnet18.pth" in message and "\n" not in message
+
+
+def test_folding_batchnorm_keeps_the_codes_and_the_model():
+    backbone = load_backbone("resnet18", "none")
+    torch.manual_seed(1)
+    for module in backbone.model.modules():  # BatchNorm statistics far from the identity, as trained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    layers = backbone.resolve(["layer2:avg", "layer3.0.bn1:max", "layer3.1.conv2:avg", "penultimate"])
+    x = torch.randn(3, 3, 64, 64)
+    before = {name: v.detach().clone() for name, v in backbone.extractor(layers)(x).items()}
+    folded = backbone.extractor(layers).fold_batchnorm()
+    kinds = {type(m).__name__ for m in folded.body.modules()}
+    assert "BatchNorm2d" in kinds  # the one after the tapped layer3.1.conv2 stays
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.body.modules()) == 1
+    with torch.inference_mode():
+        after = folded(x)
+    for name, value in before.items():
+        scale = value.abs().max()
+        assert torch.allclose(after[name], value, rtol=1e-4, atol=1e-4 * scale), name
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.model.modules()) == 20  # untouched
+    again = backbone.extractor(layers)(x)
+    assert all(torch.equal(again[name], before[name]) for name in before)

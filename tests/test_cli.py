@@ -55,3 +55,44 @@ def test_extract_train_report_predict(tmp_path):
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_changed_data_stops_and_says_what_to_do(tmp_path):
+    data = tmp_path / "data" / "shapes"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
+            for i in range(n):
+                write_image(data / split / name / f"{i}.png", size=(20 + i, 20), color=color)
+    extract = ("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
+               "--workers", "0", "--quiet", "--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
+    assert invoke(*extract).exit_code == 0
+    write_image(data / "train" / "dark" / "new.png", size=(25, 21), color=(10, 10, 10))
+    (data / "train" / "light" / "cut.png").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+    message = one_line_error(invoke(*extract))
+    assert "2 new (first: train/dark/new.png)" in message and "--update" in message and "--rebuild" in message
+    updated = invoke(*extract, "--update")
+    assert updated.exit_code == 0 and "updating" in updated.output and "updated 2 images" in updated.output
+    assert "1 images skipped" in updated.output
+    both = invoke(*extract, "--update", "--rebuild")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_predict_lists_unreadable_files_with_the_reason(tmp_path):
+    data = tmp_path / "data" / "shapes"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
+            for i in range(n):
+                write_image(data / split / name / f"{i}.png", size=(20 + i, 20), color=color)
+    common = ("--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
+    invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
+           "--workers", "0", "--quiet", *common)
+    assert invoke("train-head", "--head", "softmax", "--dataset", "shapes", *common).exit_code == 0
+    photos = tmp_path / "photos"
+    write_image(photos / "a.png", color=(30, 30, 30))
+    (photos / "b.png").write_bytes(b"")
+    head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
+    predicted = invoke("predict", head, photos, "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert predicted.exit_code == 0 and "classified 1 images" in predicted.output and "1 unreadable" in predicted.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "path,label,score,skipped"
+    assert lines[2] == f"{photos / 'b.png'},,,empty file (0 bytes)"

@@ -38,6 +38,17 @@ def test_vehicles_mobilenet_v2_end_to_end(shared, mobilenet_weights, tmp_path):
     assert runs["linear"]["test_accuracy"] >= 0.90
     assert (reports / "report.md").exists() and (reports / "index.html").exists()
 
+    # the leakage check: vehicles holds 68 groups of byte-identical images (148 images), and two groups
+    # with conflicting labels: 523/709/872 (1) = 1302/1356/1906 (0), and 54 (1) = 2029 (0)
+    checks = runs["softmax"]["data_checks"]
+    assert checks["n_duplicate_groups"] == 68 and checks["n_duplicate_images"] == 148
+    assert checks["n_groups_conflicting_labels"] == 2 and checks["n_skipped"] == 0
+    assert checks["n_groups_across_splits"] > 0 and checks["n_eval_images_seen_in_train"] > 0
+    conflicting = sorted(sorted(g["ids"]) for g in checks["groups"] if g["conflicting_labels"])
+    assert conflicting == [["images/1302.jpg", "images/1356.jpg", "images/1906.jpg", "images/523.jpg",
+                            "images/709.jpg", "images/872.jpg"], ["images/2029.jpg", "images/54.jpg"]]
+    assert "labels disagree: " in (reports / "report.md").read_text()
+
     images = sorted((shared / "data" / "vehicles" / "images").glob("*.jpg"))[:12]
     head = runs["softmax"]["head_file"]
     invoke("predict", head, *images, "--out", tmp_path / "pred.csv", "--device", "cpu")
