@@ -72,6 +72,9 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
         assert written[key] > 0, key
     assert written["ratio_vs_ceiling"] == pytest.approx(written["pipeline_img_s"] / written["ceiling_img_s"], rel=0.01)
     assert written["ratio_vs_baseline"] == pytest.approx(written["pipeline_img_s"] / written["baseline_img_s"], rel=0.01)
+    assert len(written["ceiling_runs_img_s"]) == bench.PIPELINE_RUNS + 1
+    assert len(written["pipeline_runs_img_s"]) == bench.PIPELINE_RUNS
+    assert written["ceiling_img_s"] == pytest.approx(sum(written["ceiling_runs_img_s"]) / 3, rel=0.01)
     assert written["images"] == 8 and written["rss_images_large"] == 80
     assert written["model"] == written["rss_model"] == "mobilenet_v3_small"
     assert written["ratio_vs_ceiling_large"] == pytest.approx(
