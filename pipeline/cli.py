@@ -100,9 +100,12 @@ def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
                f"(balanced {result['test_balanced_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}) "
                f"-> {result['head_file']}")
     from .checks import summary
-    found = summary(result["data_checks"])
+    checks = result["data_checks"]
+    found = summary(checks)
     if found:
-        click.echo(f"note: {found}; `make report` lists them, `make extract DROP_DUPLICATES=1` leaves duplicates out")
+        leaks = checks["n_groups_across_splits"] or checks["n_groups_conflicting_labels"]
+        click.echo(f"note: {found}; `make report` lists them"
+                   + (", `make extract DROP_DUPLICATES=1` leaves duplicates out" if leaks else ""))
 
 
 @cli.command()
