@@ -40,7 +40,7 @@ def test_vehicles_mobilenet_v2_end_to_end(shared, mobilenet_weights, tmp_path):
 
     # the leakage check: vehicles holds 68 groups of byte-identical images (148 images), and two groups
     # with conflicting labels: 523/709/872 (1) = 1302/1356/1906 (0), and 54 (1) = 2029 (0)
-    checks = runs["softmax"]["data_checks"]
+    checks = json.loads(open(runs["softmax"]["result_file"]).read())["data_checks"]
     assert checks["n_duplicate_groups"] == 68 and checks["n_duplicate_images"] == 148
     assert checks["n_groups_conflicting_labels"] == 2 and checks["n_skipped"] == 0
     assert checks["n_groups_across_splits"] > 0 and checks["n_eval_images_seen_in_train"] > 0
