@@ -57,12 +57,18 @@ def test_extract_train_report_predict(tmp_path):
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6
 
 
-def test_changed_data_stops_and_says_what_to_do(tmp_path):
+def shapes(tmp_path):
+    """An ImageFolder with split folders: dark and light images of different sizes."""
     data = tmp_path / "data" / "shapes"
     for split, n in (("train", 6), ("val", 3), ("test", 3)):
         for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
             for i in range(n):
                 write_image(data / split / name / f"{i}.png", size=(20 + i, 20), color=color)
+    return data
+
+
+def test_changed_data_stops_and_says_what_to_do(tmp_path):
+    data = shapes(tmp_path)
     extract = ("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
                "--workers", "0", "--quiet", "--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
     assert invoke(*extract).exit_code == 0
@@ -78,11 +84,7 @@ def test_changed_data_stops_and_says_what_to_do(tmp_path):
 
 
 def test_predict_lists_unreadable_files_with_the_reason(tmp_path):
-    data = tmp_path / "data" / "shapes"
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
-            for i in range(n):
-                write_image(data / split / name / f"{i}.png", size=(20 + i, 20), color=color)
+    shapes(tmp_path)
     common = ("--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
     invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
            "--workers", "0", "--quiet", *common)
