@@ -24,6 +24,7 @@ import csv
 import hashlib
 import os
 import stat
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,7 +457,9 @@ def _pixel_csv(root):
         raise DataError(f"{csv_path}: {n_pixels} pixel columns is not a square image; "
                         "each row must hold one square grayscale image")
     try:
-        table = np.loadtxt(csv_path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
+        with warnings.catch_warnings():  # a header alone: the check below says so in one line
+            warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+            table = np.loadtxt(csv_path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: every value must be a number ({str(e)[:120]})") from None
     if table.shape[0] == 0 or table.shape[1] != len(header) or not np.isfinite(table).all():
