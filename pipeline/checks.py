@@ -19,9 +19,9 @@ def duplicate_groups(ids, sha256, labels, split, class_names):
     if len(known) == 0:
         return []
     _, inverse, counts = np.unique(sha256[known], return_inverse=True, return_counts=True)
+    members = np.split(known[np.argsort(inverse, kind="stable")], np.cumsum(counts)[:-1])  # rows per hash
     groups = []
-    for g in np.flatnonzero(counts > 1):
-        rows = known[inverse == g]
+    for rows in (members[g] for g in np.flatnonzero(counts > 1)):
         groups.append({"sha256": str(sha256[rows[0]]), "ids": [str(ids[r]) for r in rows],
                        "labels": [class_names[labels[r]] for r in rows], "splits": [str(split[r]) for r in rows]})
     return groups
