@@ -160,6 +160,20 @@ def _text(values):
     return np.asarray([str(v) for v in values], dtype=np.str_) if len(values) else np.zeros(0, dtype="<U1")
 
 
+_PACKED = ("ids", "split", "stamps", "skipped_ids", "skipped_reasons")  # the text columns of table.npz
+
+
+def _pack(strings):
+    """Strings -> uint8 [bytes]: UTF-8, each ended by a NUL (which no path, label or reason holds).
+    A unicode array would pad every id to the longest (4 bytes a character); this loads without pickle."""
+    return np.frombuffer("".join(f"{str(s).replace(chr(0), chr(0xFFFD))}\0" for s in strings).encode("utf-8"),
+                         dtype=np.uint8)
+
+
+def _unpack(packed):
+    return np.array(packed.tobytes().decode("utf-8").split("\0")[:-1], dtype=object)
+
+
 # ---------------------------------------------------------------------------
 # Writing a feature cache
 
@@ -189,11 +203,12 @@ class CacheWriter:
         folder = partial_path(path)
         n = len(ids)
         reuse = reuse or Reuse.none()
-        table = {"ids": _text(ids), "labels": np.asarray(labels, dtype=np.int64), "split": _text(split),
-                 "stamps": _text(stamps if stamps is not None else [""] * n),
+        text = {"ids": ids, "split": split, "stamps": stamps if stamps is not None else [""] * n,
+                "skipped_ids": [i for i, _ in skipped], "skipped_reasons": [r for _, r in skipped]}
+        table = {**{key: np.array(list(map(str, values)), dtype=object) for key, values in text.items()},
+                 "labels": np.asarray(labels, dtype=np.int64),
                  "todo": np.arange(n, dtype=np.int64) if todo is None else np.asarray(todo, dtype=np.int64),
-                 "reuse_rows": reuse.rows, "reuse_from": reuse.from_rows,
-                 "skipped_ids": _text([i for i, _ in skipped]), "skipped_reasons": _text([r for _, r in skipped])}
+                 "reuse_rows": reuse.rows, "reuse_from": reuse.from_rows}
         meta = {"format": CACHE_FORMAT, "n_rows": n, "n_todo": len(table["todo"]), "attrs": attrs,
                 "settings": attrs.get("settings"), "class_names": list(class_names),
                 "layer_dims": {name: [int(dim), layer_attrs] for name, (dim, layer_attrs) in layer_dims.items()},
@@ -205,7 +220,8 @@ class CacheWriter:
             if folder.exists() or folder.is_symlink():
                 folder.unlink()  # a file of that name, e.g. a partial cache of the old format
             folder.mkdir(parents=True)
-            _write_atomically(folder / "table.npz", lambda f: np.savez(f, **table))
+            packed = {key: _pack(values) if key in _PACKED else values for key, values in table.items()}
+            _write_atomically(folder / "table.npz", lambda f: np.savez(f, **packed))
             _write_atomically(folder / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
         return cls(path, meta, table, [])
 
@@ -217,7 +233,7 @@ class CacheWriter:
         if meta is None:
             raise IncompleteCacheError(f"{folder}: not a readable partial cache; delete it and run `make extract` again")
         with np.load(folder / "table.npz", allow_pickle=False) as npz:
-            table = {key: npz[key] for key in npz.files}
+            table = {key: _unpack(npz[key]) if key in _PACKED else npz[key] for key in npz.files}
         for stray in folder.glob("*.tmp"):
             stray.unlink(missing_ok=True)
         return cls(path, meta, table, _whole_batches(folder, meta["n_todo"], prune=True))
@@ -337,9 +353,9 @@ def _assemble(tmp, folder, meta, table, batches, attrs):
 
     with h5py.File(tmp, "w") as h5:
         h5.create_dataset("labels", data=table["labels"][kept])
-        h5.create_dataset("ids", data=table["ids"][kept].astype(object), dtype=_TEXT)
-        h5.create_dataset("split", data=table["split"][kept].astype(object), dtype=_TEXT)
-        h5.create_dataset("stamp", data=table["stamps"][kept].astype(object), dtype=_TEXT)
+        h5.create_dataset("ids", data=table["ids"][kept], dtype=_TEXT)
+        h5.create_dataset("split", data=table["split"][kept], dtype=_TEXT)
+        h5.create_dataset("stamp", data=table["stamps"][kept], dtype=_TEXT)
         h5.create_dataset("sha256", data=sha256[kept].astype(object), dtype=_TEXT)
         skipped_ids = list(table["skipped_ids"]) + [str(table["ids"][row]) for row in sorted(failures)]
         skipped_reasons = list(table["skipped_reasons"]) + [failures[row] for row in sorted(failures)]

@@ -593,3 +593,13 @@ def test_extraction_lock_names_the_holder_and_dies_with_it(tmp_path):
         holder.wait()
     with extraction_lock(path):  # free again, no stale lock
         pass
+
+
+@pytest.mark.parametrize("strings", [[], [""], ["", ""], ["images/café.jpg", "日本/a b,c.png", "x"],
+                                     ["line\nbreak", "tab\there"]])
+def test_text_columns_pack_and_unpack_exactly(strings):
+    assert list(store._unpack(store._pack(strings))) == strings
+
+
+def test_a_nul_in_a_reason_cannot_shift_the_rows():
+    assert list(store._unpack(store._pack(["bad\0reason", "next"]))) == ["bad\ufffdreason", "next"]
