@@ -7,12 +7,14 @@
 One loop: a DataLoader decodes and transforms images (large JPEGs at reduced DCT
 scale), in worker processes while a GPU computes or, on CPU, by one thread per core
 between forward passes; the backbone runs every requested layer in one forward pass
-(eval, inference_mode, channels_last, bf16/fp16 autocast where the hardware runs it
-natively), and each batch of pooled codes is appended to the cache by a writer
-thread while the next batch runs. Memory does not grow with the data set. The cache
-is keyed by everything that changes its values; the same request finds it and does
-nothing, any other request never reuses it. `python -m pipeline.bench` measures the
-loop against the forward pass alone.
+(eval, inference_mode, BatchNorm folded, channels_last, bf16/fp16 autocast where the
+hardware runs it natively), and each batch of pooled codes goes to the cache's
+partial folder by a writer thread while the next batch runs. Memory does not grow
+with the data set; a killed run resumes after its last whole batch; an image that
+cannot be decoded is skipped with its reason. The cache is keyed by everything that
+changes its values; the same request finds it and does nothing, another model
+setting rebuilds it, changed data stops with what changed (`update` brings it up to
+date). `python -m pipeline.bench` measures the loop against the forward pass alone.
 """
 import collections
 import ctypes
