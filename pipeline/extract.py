@@ -258,12 +258,13 @@ def plan_extraction(path, table, backbone, layers, settings, update=False, rebui
         return fresh(layers, f"rebuilding {path}; " if rebuild and path.exists() else "")
     changed = _differences(existing, settings)
     have = list(existing.get("layers", []))
-    union = backbone.resolve(have + [layer.name for layer in layers if layer.name not in have])
+    more = [layer.name for layer in layers if layer.name not in have]
+    if not changed and not more:
+        if read_partial_settings(path) == existing:
+            remove_partial(path)  # left by a run killed between its last rename and its clean-up
+        return Plan(layers, existing, None, Reuse.none(), None, f"{path}: cache found with these settings; nothing to do")
+    union = backbone.resolve(have + more)
     if not changed:
-        if len(union) == len(have):
-            if read_partial_settings(path) == existing:
-                remove_partial(path)  # left by a run killed between its last rename and its clean-up
-            return Plan(union, existing, None, Reuse.none(), None, f"{path}: cache found with these settings; nothing to do")
         return fresh(union, f"adding layers to {path} (it had {', '.join(have)}); ")
     if not set(changed) <= set(DATA_KEYS):
         return fresh(layers, f"{path} was made with other {', '.join(changed)}; rebuilding it (the old file stays until done); ")
@@ -274,7 +275,7 @@ def plan_extraction(path, table, backbone, layers, settings, update=False, rebui
                 f"{path}: the data set changed since this cache was made ({change}); run again with --update "
                 "(make extract UPDATE=1) to extract only new and changed images and keep the rest, "
                 "or --rebuild (REBUILD=1) to start over")
-        if len(union) > len(have):
+        if more:
             return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")
         split = np.asarray(table.split).copy()
         split[change.kept_rows] = old.split[change.kept_from]  # old images keep their split: no leak into test

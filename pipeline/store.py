@@ -155,11 +155,6 @@ def _write_atomically(path, write):
         raise
 
 
-def _text(values):
-    """Strings as a numpy unicode array (loads back without pickle)."""
-    return np.asarray([str(v) for v in values], dtype=np.str_) if len(values) else np.zeros(0, dtype="<U1")
-
-
 _PACKED = ("ids", "split", "stamps", "skipped_ids", "skipped_reasons")  # the text columns of table.npz
 
 
@@ -260,8 +255,8 @@ class CacheWriter:
             raise CacheError(f"{self.path}: more rows appended than the {len(self.todo)} to compute")
         arrays = {f"layer/{name}": np.asarray(values, dtype=np.float32) for name, values in codes.items()}
         arrays["rows"] = self.todo[first:first + count]
-        arrays["sha256"] = _text(sha256 if sha256 is not None else [""] * count)
-        arrays["failures"] = _text(failures if failures is not None else [""] * count)
+        arrays["sha256"] = _pack(sha256 if sha256 is not None else [""] * count)
+        arrays["failures"] = _pack(failures if failures is not None else [""] * count)
         name = f"batch-{first:010d}-{count:07d}.npz"
         with _disk_errors(self.path, f"writing rows {first}-{first + count}"):
             _write_atomically(self.folder / name, lambda f: np.savez(f, **arrays))
@@ -337,8 +332,8 @@ def _assemble(tmp, folder, meta, table, batches, attrs):
     failures, sha256 = {}, np.full(n, "", dtype=object)
     for _, _, name in batches:  # first the small per-row arrays: which rows failed
         with np.load(folder / name, allow_pickle=False) as npz:
-            rows, reasons = npz["rows"], npz["failures"]
-            sha256[rows] = npz["sha256"]
+            rows, reasons = npz["rows"], _unpack(npz["failures"])
+            sha256[rows] = _unpack(npz["sha256"])
         for row, reason in zip(rows[reasons != ""], reasons[reasons != ""]):
             failed[row] = True
             failures[row] = str(reason)
@@ -371,7 +366,7 @@ def _assemble(tmp, folder, meta, table, batches, attrs):
                 ds.attrs[key] = _to_attr(value)
         for _, _, name in batches:  # then the codes, batch by batch
             with np.load(folder / name, allow_pickle=False) as npz:
-                ok = npz["failures"] == ""
+                ok = _unpack(npz["failures"]) == ""
                 where = position[npz["rows"][ok]]
                 for layer in meta["layer_dims"]:
                     _write_rows(layers[layer], where, npz[f"layer/{layer}"][ok])
