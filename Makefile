@@ -86,7 +86,7 @@ test-fast: venv
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
 
 bench: venv
-	$(PY) -m pipeline.bench $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION)
+	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION)
 
 clean:
 	rm -rf $(REPORTS_DIR) .pytest_cache

@@ -2,18 +2,24 @@
 
     backbone = load_backbone("mobilenet_v2", "/path/weights.pth")   # or "default" / "none"
     taps = backbone.taps()                    # {"penultimate": "adaptive_avg_pool2d", "features.17": ...}
-    layers = backbone.resolve(["penultimate", "features.17:max"])
-    extractor = backbone.extractor(layers)    # one forward pass -> {layer name: tensor}
+    layers = backbone.resolve(["penultimate", "features.17:max"])   # [Layer(name, ..., dim)]
+    extractor = backbone.extractor(layers)    # one forward pass -> {layer name: codes [B, D]}
 
 A layer is a tap (a named tap or any graph node, see `pipeline taps MODEL`) and a
 pooling for spatial maps: `avg` (global average, the default), `max`, `avgmax`
 (both, concatenated) or `gridK` (adaptive average to K x K, keeping layout). The
 layer's name in the cache carries its pooling, e.g. `layer4:avg`; taps whose output
-is already a vector (fc7, avgpool) keep their bare name.
+is already a vector (fc7, avgpool) keep their bare name, and so does `penultimate`:
+it is what the final Linear layer reads, never pooled.
+
+The model's graph is traced once per backbone (its node names) and once per set of
+tapped nodes (torchvision's feature extractor, whose dry run gives the shapes); both
+are kept on the backbone until `extractor()` hands the body over to the loop, so
+resolving layers and extracting them trace once per request.
 """
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +29,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from .errors import ModelError, WeightsError
+from .paths import weights_tag as tag_of
 
 POOLINGS = ("avg", "max", "avgmax", "gridK")
 _SKIP_BACK = (nn.Dropout, nn.Flatten, nn.Identity)  # no-ops in eval, walked over to find penultimate
@@ -36,6 +43,14 @@ class Layer:
     node: str     # torchvision graph node
     pooling: str  # "none" for vectors, else one of POOLINGS with K filled in
     depth: int    # position of the node in the forward graph (for plots against depth)
+    raw_shape: tuple  # the node's output for one image: (C, H, W), (T, C) or (D,)
+    dim: int      # size of the pooled codes
+
+    @property
+    def attrs(self):
+        """What the cache records about this layer."""
+        return {"tap": self.tap, "node": self.node, "pooling": self.pooling, "depth": self.depth,
+                "raw_shape": list(self.raw_shape)}
 
 
 @dataclass
@@ -45,65 +60,88 @@ class Backbone:
     model: nn.Module
     transform: nn.Module      # PIL image -> normalised tensor [3, H, W]
     weights: str              # "IMAGENET1K_V1", "random" or "file"
-    weights_tag: str          # part of the cache file name
     weights_sha256: str       # of the weights file; "" for random weights
     weights_source: str       # URL, path, or "random init (seed 0)"
+    _traced: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def input_size(self):
         return int(self.transform.crop_size[0])
 
-    def taps(self):
-        """Named taps of this model -> graph node (see module docstring)."""
-        return named_taps(self.model)
+    @property
+    def weights_tag(self):
+        """Part of the cache file name (paths.weights_tag)."""
+        return tag_of(self.weights, self.weights_sha256)
 
     def nodes(self):
-        """Every graph node name, in forward order (eval mode)."""
-        return get_graph_node_names(self.model)[1]
+        """Every graph node name, in forward order (eval mode); traced once."""
+        if "nodes" not in self._traced:
+            self._traced["nodes"] = get_graph_node_names(self.model)[1]
+        return self._traced["nodes"]
+
+    def taps(self):
+        """Named taps of this model -> graph node (see module docstring)."""
+        return named_taps(self.model, self.nodes())
 
     def resolve(self, specs, default_pooling="avg"):
         """["penultimate", "conv5:max", ...] -> [Layer], named as in the cache, in forward order."""
         taps, nodes = self.taps(), self.nodes()
-        layers = {}
+        wanted = {}
         for spec in specs:
             tap, _, pooling = spec.partition(":")
-            pooling = pooling or default_pooling
-            check_pooling(pooling)
+            pooling = "none" if tap == "penultimate" else check_pooling(pooling or default_pooling)
             node = taps.get(tap, tap if _in_graph(tap, nodes) else None)
             if node is None:
                 raise ModelError(f"{self.name} has no tap {tap!r}; named taps: {', '.join(taps)} "
                                  f"(graph nodes too: `pipeline taps {self.name}` lists them all)")
-            layers[(node, pooling)] = _canonical_tap(taps, tap, node)
-        depth = {node: _position(node, nodes) for node, _ in layers}
+            wanted[(node, pooling)] = _canonical_tap(taps, tap, node)
+        depth = {node: _position(node, nodes) for node, _ in wanted}
         shapes = self.output_shapes(sorted(depth, key=depth.get))
-        out = {}
-        for (node, pooling), tap in sorted(layers.items(), key=lambda kv: depth[kv[0][0]]):
-            shape = shapes[node]  # [1, C, H, W], [1, T, C] or [1, D]
-            spatial = len(shape) == 3 or (len(shape) == 4 and shape[2] * shape[3] > 1)
+        layers = {}
+        for (node, pooling), tap in sorted(wanted.items(), key=lambda kv: depth[kv[0][0]]):
+            shape = shapes[node]  # (C, H, W), (T, C) or (D,)
+            spatial = pooling != "none" and (len(shape) == 2 or (len(shape) == 3 and shape[1] * shape[2] > 1))
             name = f"{tap}:{pooling}" if spatial else tap  # a vector needs no pooling: one layer
-            out.setdefault(name, Layer(name, tap, node, pooling if spatial else "none", depth[node]))
-        return list(out.values())
+            pooling = pooling if spatial else "none"
+            dim = pool(torch.zeros(1, *shape), pooling).shape[1]
+            layers.setdefault(name, Layer(name, tap, node, pooling, depth[node], shape, dim))
+        return list(layers.values())
+
+    def penultimate_name(self):
+        """The cache name of the penultimate layer, without a forward pass."""
+        return _canonical_tap(self.taps(), "penultimate", self.taps()["penultimate"])
 
     def output_shapes(self, nodes):
-        """Shape of each node's output for one image, by a dry forward pass."""
-        extractor = create_feature_extractor(self.model, return_nodes={n: n for n in nodes})
-        with torch.inference_mode():
-            out = extractor(torch.zeros(1, 3, self.input_size, self.input_size))
-        return {n: tuple(out[n].shape) for n in nodes}
+        """Shape of each node's output for one image (without the batch axis), by one dry run."""
+        key = ("shapes", tuple(sorted(nodes)))
+        if key not in self._traced:
+            with torch.inference_mode():
+                out = self._body(nodes)(torch.zeros(1, 3, self.input_size, self.input_size))
+            self._traced[key] = {n: tuple(out[n].shape[1:]) for n in out}
+        return self._traced[key]
+
+    def _body(self, nodes):
+        """torchvision's feature extractor returning `nodes`, pruned after the deepest; traced once."""
+        key = ("body", tuple(sorted(nodes)))
+        if key not in self._traced:
+            self._traced[key] = create_feature_extractor(self.model, return_nodes={n: n for n in nodes}).eval()
+        return self._traced[key]
 
     def extractor(self, layers):
-        """A module mapping images [B, 3, H, W] -> {layer name: pooled codes [B, D]}."""
-        return Extractor(self.model, layers)
+        """A module mapping images [B, 3, H, W] -> {layer name: pooled codes [B, D]}. It takes over
+        the traced body (the loop folds BatchNorm into it in place); a later request traces anew."""
+        body = self._body({layer.node for layer in layers})
+        del self._traced[("body", tuple(sorted({layer.node for layer in layers})))]
+        return Extractor(body, layers)
 
 
 class Extractor(nn.Module):
-    """All requested layers in one forward pass; torchvision prunes the graph after the deepest."""
+    """All requested layers in one forward pass of `body` (a torchvision feature extractor)."""
 
-    def __init__(self, model, layers):
+    def __init__(self, body, layers):
         super().__init__()
         self.layers = list(layers)
-        nodes = {layer.node: layer.node for layer in self.layers}
-        self.body = create_feature_extractor(model, return_nodes=nodes).eval()
+        self.body = body
 
     def forward(self, images):
         maps = self.body(images)
@@ -113,7 +151,8 @@ class Extractor(nn.Module):
         """Fold every BatchNorm that follows a convolution into its weights (torch.fx's `fuse`): the
         same function in eval, one memory-bound pass fewer per layer. resnet50 fp32 on the 2-core
         bench machine: about 10% faster; codes within cosine 0.9999998. A convolution whose output
-        is itself a requested layer is left alone. The backbone's own model is not changed."""
+        is itself a requested layer is left alone. The backbone's own model is not changed: the
+        traced body shares its layers but not their parents, and fused layers replace them there."""
         from torch.fx.experimental.optimization import fuse
 
         self.body = fuse(self.body.eval(), inplace=True, no_trace=True).eval()
@@ -121,6 +160,7 @@ class Extractor(nn.Module):
 
 
 def check_pooling(pooling):
+    """`pooling` if it is one of POOLINGS, else a ModelError listing them."""
     if pooling in ("avg", "max", "avgmax") or re.fullmatch(r"grid[1-9][0-9]?", pooling):
         return pooling
     raise ModelError(f"unknown pooling {pooling!r}; use one of avg, max, avgmax, gridK (K = 1..99, e.g. grid3)")
@@ -146,9 +186,8 @@ def classification_models():
     return sorted(list_models(module=torchvision.models))
 
 
-def named_taps(model):
-    """Friendly tap names -> graph nodes, from the model's own structure (no hand tables)."""
-    nodes = get_graph_node_names(model)[1]
+def named_taps(model, nodes):
+    """Friendly tap names -> graph nodes (`nodes`: the eval graph's), from the model's own structure."""
     taps = {}
     if isinstance(model, torchvision.models.VGG):
         pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
@@ -204,13 +243,17 @@ def _canonical_tap(taps, tap, node):
 def weights_tag(name, weights):
     """The cache-file tag `load_backbone(name, weights)` would give, without building the model."""
     if weights == "default":
-        return get_model_weights(name).DEFAULT.name
+        return tag_of(get_model_weights(name).DEFAULT.name)
     if weights == "none":
-        return "random"
+        return tag_of("random")
+    return tag_of("file", _weights_file_sha256(weights))
+
+
+def _weights_file_sha256(weights):
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found; give WEIGHTS=default, none, or the path of a .pth state dict")
-    return f"file-{_sha256(path)[:8]}"
+    return _sha256(path)
 
 
 def load_backbone(name, weights="default"):
@@ -225,21 +268,18 @@ def load_backbone(name, weights="default"):
         chosen = enums.DEFAULT
         model = _download(name, chosen)
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
-        backbone = Backbone(name, model, chosen.transforms(), chosen.name, chosen.name,
+        backbone = Backbone(name, model, chosen.transforms(), chosen.name,
                             _sha256(file) if file.exists() else "", chosen.url)
     elif weights == "none":
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = get_model(name, weights=None)
-        backbone = Backbone(name, model, _classic_transforms(enums), "random", "random", "", "random init (seed 0)")
+        backbone = Backbone(name, model, _classic_transforms(enums), "random", "", "random init (seed 0)")
     else:
-        path = Path(weights)
-        sha = _sha256(path) if path.is_file() else None
-        if sha is None:
-            raise WeightsError(f"weights file {path} not found; give WEIGHTS=default, none, or the path of a .pth state dict")
+        sha = _weights_file_sha256(weights)
         model = get_model(name, weights=None)
-        _load_state_dict(model, path, name)
-        backbone = Backbone(name, model, _classic_transforms(enums), "file", f"file-{sha[:8]}", sha, str(path.resolve()))
+        _load_state_dict(model, Path(weights), name)
+        backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()))
     backbone.model.eval().requires_grad_(False)
     return backbone
 

@@ -6,6 +6,7 @@ the content hash stored per row, without opening an image:
 
     with FeatureCache(path) as cache:
         checks = data_checks(cache)   # JSON-ready: counts, the groups, the skipped ids
+    print(note(checks))               # one line for the terminal, "" when all is clean
 """
 import numpy as np
 
@@ -54,3 +55,13 @@ def summary(checks):
     if checks["n_groups_conflicting_labels"]:
         parts.append(f"{checks['n_groups_conflicting_labels']} duplicate groups have conflicting labels")
     return "; ".join(parts)
+
+
+def note(checks):
+    """The line the terminal shows after extract and train-head, or "" when there is nothing to say."""
+    found = summary(checks)
+    if not found:
+        return ""
+    leaks = checks["n_groups_across_splits"] or checks["n_groups_conflicting_labels"]
+    return (f"note: {found}; `make report` lists them"
+            + (", `make extract DROP_DUPLICATES=1` leaves duplicates out" if leaks else ""))

@@ -13,8 +13,12 @@ from pathlib import Path
 import click
 
 from .errors import PipelineError
+from .plan import PRECISIONS
+from .store import HEADS
 
 PATH = click.Path(path_type=Path)
+HEAD = click.Choice(sorted(HEADS))
+PRECISION = click.Choice(PRECISIONS)
 
 
 class Group(click.Group):
@@ -43,7 +47,7 @@ def _data_options(f):
               help="Comma-separated taps, each optionally :avg|:max|:avgmax|:gridK (`pipeline taps MODEL`).")
 @click.option("--weights", default="default", show_default=True, help="default (torchvision), none (random) or a .pth path.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -57,7 +61,7 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .extract import cache_path, extract_features
+    from .extract import extract_features
 
     if update and rebuild:
         raise click.UsageError("--update and --rebuild exclude each other: choose one")
@@ -68,8 +72,9 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
                                   update=update, rebuild=rebuild)
     except KeyboardInterrupt:
+        from .paths import cache_path
         from .store import partial_progress
-        done, total = partial_progress(cache_path(features_dir, table.name, backbone))
+        done, total = partial_progress(cache_path(features_dir, table.name, backbone.name, backbone.weights_tag))
         saved = f"{done} of {total} images are saved" if done is not None else "nothing was saved yet"
         click.echo(f"interrupted: {saved}; re-run the same command to resume", err=True)
         sys.exit(130)
@@ -77,7 +82,7 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 
 
 @cli.command("train-head")
-@click.option("--head", type=click.Choice(["svm", "softmax", "linear"]), default="softmax", show_default=True)
+@click.option("--head", type=HEAD, default="softmax", show_default=True)
 @click.option("--dataset", default="vehicles", show_default=True)
 @click.option("--model", default=None, help="Default: the only (or newest) cache of the data set.")
 @click.option("--weights", default=None, help="default, none or a .pth path, as given to extract.")
@@ -85,12 +90,16 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 @_data_options
 def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
     """Stage two: choose C on val, refit on train+val, score test once, save the head."""
-    from .extract import find_cache
-    from .heads import train_head as train
+    from .checks import note
+    from .paths import find_cache
+    from .train import train_head as train
 
-    cache, note = find_cache(features_dir, dataset, model, weights)
-    if note:
-        click.echo(note)
+    if model and weights:
+        from .backbones import weights_tag
+        weights = weights_tag(model, weights)
+    cache, which = find_cache(features_dir, dataset, model, weights)
+    if which:
+        click.echo(which)
     if layer == "auto":
         from .sweep import chosen_layer
         layer = chosen_layer(cache, head)
@@ -99,23 +108,18 @@ def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
                f"val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f} "
                f"(balanced {result['test_balanced_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}) "
                f"-> {result['head_file']}")
-    from .checks import summary
-    checks = result["data_checks"]
-    found = summary(checks)
-    if found:
-        leaks = checks["n_groups_across_splits"] or checks["n_groups_conflicting_labels"]
-        click.echo(f"note: {found}; `make report` lists them"
-                   + (", `make extract DROP_DUPLICATES=1` leaves duplicates out" if leaks else ""))
+    if note(result["data_checks"]):
+        click.echo(note(result["data_checks"]))
 
 
 @cli.command()
 @click.option("--dataset", default="vehicles", show_default=True)
 @click.option("--model", default="vgg16", show_default=True)
 @click.option("--weights", default="default", show_default=True, help="default, none or a .pth path.")
-@click.option("--head", type=click.Choice(["svm", "softmax", "linear"]), default="softmax", show_default=True)
+@click.option("--head", type=HEAD, default="softmax", show_default=True)
 @click.option("--pooling", default="avg", show_default=True, help="For spatial layers: avg, max, avgmax or gridK.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
@@ -179,8 +183,7 @@ def taps(model, all_nodes):
     named = backbone.taps()
     shapes = backbone.output_shapes(sorted(set(named.values()), key=list(named.values()).index))
     for tap, node in named.items():
-        shape = shapes[node][1:]
-        click.echo(f"{tap:<16} node {node:<24} output {list(shape)}")
+        click.echo(f"{tap:<16} node {node:<24} output {list(shapes[node])}")
     if all_nodes:
         click.echo("\n".join(backbone.nodes()))
 

@@ -1,40 +1,37 @@
-"""Stage two: linear heads on cached codes, chosen on val, scored on test once.
+"""Stage two's estimators: linear heads on cached codes, and the saved head as an estimator.
 
-    HEADS = {"svm": LinearSVC, "softmax": multinomial LogisticRegression,
-             "linear": TorchLinearClassifier (nn.Linear, minibatches, GPU when present)}
-    result = train_head(cache_file, "features.17:avg", "softmax", out_dir)
+    HEADS (store.results): svm = LinearSVC, softmax = multinomial LogisticRegression,
+                           linear = TorchLinearClassifier (nn.Linear, minibatches, GPU when present)
+    C, grid = select_strength("softmax", X_train, y_train, X_val, y_val)
+    model = fit("softmax", C, X, y)            # StandardScaler + the head, a scikit-learn pipeline
+    head = LinearHead("features/.../x.softmax.h5").predict(X)
 
-The protocol (as CLIP_benchmark's linear probe): features standardised; the
-inverse regularisation strength C swept on a coarse log grid then refined around
-the best, each fit on train and scored on val; the best C refit on train+val;
-test scored once. The head is saved as plain arrays (HDF5, no pickle) with the
-cache's provenance, next to a result JSON.
+C, the inverse regularisation strength, means the same for every head (the torch head
+uses LogisticRegression's objective). It is chosen on a coarse log grid, then refined
+around the best, each fit on train and scored on val; ties go to the smaller C.
 """
-import json
-import time
-from contextlib import contextmanager, nullcontext
 import warnings
-from datetime import datetime, timezone
-from pathlib import Path
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support)
+from sklearn.metrics import accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+from sklearn.utils.metaestimators import available_if
 from threadpoolctl import threadpool_limits
 
-from .checks import data_checks
-from .errors import CacheError, PipelineError
-from .store import FeatureCache, read_head, write_head
+from .errors import PipelineError
+from .hardware import resolve_device
+from .store import HEADS, read_head
 
 COARSE_GRID = [10.0 ** k for k in range(-4, 3)]  # C = 1e-4 .. 1e2
 FINE_STEPS = [10.0 ** -0.5, 10.0 ** 0.5]         # then the best C times these
+SMALL_FIT = 20_000_000  # values in X below which BLAS threads cost more than they give, far more under load
 
 
 class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
@@ -52,8 +49,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         if self.C <= 0:
             raise ValueError(f"The 'C' parameter must be > 0. Got {self.C} instead.")
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if self.device == "auto" else self.device)
+        device = resolve_device(self.device)
         generator = torch.Generator().manual_seed(self.random_state)
         X_t = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)  # [N, D]
         y_t = torch.as_tensor(y_index, device=device)                          # [N]
@@ -85,6 +81,15 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
+    def predict_proba(self, X):
+        return softmax(self.decision_function(X))
+
+
+def softmax(z):
+    """Row-wise softmax of scores [N, K]."""
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
 
 @contextmanager
 def _threads_for(device, work_per_step):
@@ -101,161 +106,77 @@ def _threads_for(device, work_per_step):
         torch.set_num_threads(before)
 
 
+def check_head(name):
+    """`name` if it is one of HEADS, else a PipelineError listing them."""
+    if name not in HEADS:
+        raise PipelineError(f"unknown head {name!r}; use one of {', '.join(sorted(HEADS))}")
+    return name
+
+
 def make_head(name, C):
-    """A fresh estimator for head `name` at strength C (standardisation is added by the caller)."""
+    """A fresh estimator for head `name` at strength C (standardisation is added by `fit`)."""
+    check_head(name)
     if name == "svm":
         return LinearSVC(C=C, max_iter=1000, random_state=0)  # large C rarely converges; more iterations only cost time
     if name == "softmax":
         return LogisticRegression(C=C, max_iter=2000)
-    if name == "linear":
-        return TorchLinearClassifier(C=C)
-    raise PipelineError(f"unknown head {name!r}; use one of {', '.join(sorted(HEADS))}")
+    return TorchLinearClassifier(C=C)
 
 
-HEADS = {"svm": "scikit-learn LinearSVC (hinge loss, one-vs-rest)",
-         "softmax": "scikit-learn LogisticRegression (multinomial, lbfgs)",
-         "linear": "torch nn.Linear, cross-entropy, Adam minibatches (GPU when present)"}
-
-
-def fit_scored(name, C, X_fit, y_fit, X_eval, y_eval):
-    """Fit standardiser + head on one set, return (model, accuracy on the other)."""
+def fit(name, C, X, y):
+    """StandardScaler + head `name` at strength C, fitted on (X, y)."""
     model = make_pipeline(StandardScaler(), make_head(name, C))
-    small = np.asarray(X_fit).size < 20_000_000  # BLAS threads cost more than they give here, and far more under load
+    small = np.asarray(X).size < SMALL_FIT
     with warnings.catch_warnings(), threadpool_limits(1) if small else nullcontext():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(X_fit, y_fit)
-    return model, accuracy_score(y_eval, model.predict(X_eval))
+        model.fit(X, y)
+    return model
 
 
 def select_strength(name, X_train, y_train, X_val, y_val):
-    """C with the best val accuracy: coarse log grid, then refined; ties go to the smaller C."""
+    """C with the best val accuracy -> (C, {C: val accuracy}): coarse log grid, then refined."""
     scores = {}
-    for C in COARSE_GRID:
-        scores[C] = fit_scored(name, C, X_train, y_train, X_val, y_val)[1]
-    best = max(scores, key=lambda c: (scores[c], -c))
-    for C in (best * step for step in FINE_STEPS):
-        scores[C] = fit_scored(name, C, X_train, y_train, X_val, y_val)[1]
-    best = max(scores, key=lambda c: (scores[c], -c))
-    return best, scores
-
-
-def evaluate(y_true, y_pred, n_classes):
-    labels = list(range(n_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-            "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                          for p, r, f, s in zip(precision, recall, f1, support)]}
-
-
-def head_paths(out_dir, cache_path, layer, head):
-    stem = f"{Path(cache_path).stem}.{layer.replace(':', '-')}.{head}"
-    return Path(out_dir) / f"{stem}.h5", Path(out_dir) / f"{stem}.json"
-
-
-def train_head(cache_file, layer, head, out_dir=None):
-    """Select, refit and score one head on one cached layer; save head + result JSON."""
-    if head not in HEADS:
-        raise PipelineError(f"unknown head {head!r}; use one of {', '.join(sorted(HEADS))}")
-    cache_file = Path(cache_file)
-    out_dir = Path(out_dir) if out_dir else cache_file.parent / "heads"
-    with FeatureCache(cache_file) as cache:
-        layer = resolve_layer(cache, layer)
-        X, y = cache.features(layer)
-        split, ids, attrs, class_names = cache.split, cache.ids, cache.attrs, cache.class_names
-        depth = cache.layer_attrs(layer).get("depth")
-        checks = data_checks(cache)
-    parts = {s: split == s for s in ("train", "val", "test")}
-    for s, mask in parts.items():
-        if not mask.any():
-            raise CacheError(f"{cache_file}: the {s} split is empty; re-extract with a data set that has one")
-    missing = set(range(len(class_names))) - set(y[parts["train"]])
-    if missing:
-        raise CacheError(f"{cache_file}: classes {[class_names[i] for i in sorted(missing)]} have no train "
-                         "images; add some or remove those classes")
-    t0 = time.perf_counter()
-    C, grid = select_strength(head, X[parts["train"]], y[parts["train"]], X[parts["val"]], y[parts["val"]])
-    select_seconds = time.perf_counter() - t0
-    fit_on = parts["train"] | parts["val"]
-    t0 = time.perf_counter()
-    model, _ = fit_scored(head, C, X[fit_on], y[fit_on], X[:1], y[:1])
-    fit_seconds = time.perf_counter() - t0
-    y_pred = model.predict(X[parts["test"]])  # the one look at test
-    scores = evaluate(y[parts["test"]], y_pred, len(class_names))
-    test_ids = ids[parts["test"]]
-    wrong = np.flatnonzero(y_pred != y[parts["test"]])
-    head_file, result_file = head_paths(out_dir, cache_file, layer, head)
-    result = {
-        "dataset": attrs["dataset"], "layout": attrs.get("layout"), "dataset_root": attrs.get("dataset_root"),
-        "model": attrs["model"], "weights": attrs["weights"],
-        "weights_sha256": attrs.get("weights_sha256", ""), "layer": layer, "head": head,
-        "depth": depth, "pooling": attrs.get("pooling", {}).get(layer, "none"), "precision": attrs.get("precision"),
-        "dim": int(X.shape[1]), "n_train": int(parts["train"].sum()), "n_val": int(parts["val"].sum()),
-        "n_test": int(parts["test"].sum()), "C": C, "val_accuracy": grid[C],
-        "grid": [{"C": c, "val_accuracy": grid[c]} for c in sorted(grid)],
-        "test_accuracy": scores["accuracy"], "test_balanced_accuracy": scores["balanced_accuracy"],
-        "test_macro_f1": scores["macro_f1"], "confusion_matrix": scores["confusion_matrix"],
-        "per_class": [{"class": n, **m} for n, m in zip(class_names, scores["per_class"])],
-        "class_names": class_names, "select_seconds": round(select_seconds, 3),
-        "fit_seconds": round(fit_seconds, 3),
-        "misclassified": [{"id": str(test_ids[i]), "true": class_names[y[parts["test"]][i]],
-                           "predicted": class_names[y_pred[i]]} for i in wrong[:200]],
-        "data_checks": checks, "cache": str(cache_file), "head_file": str(head_file),
-        "extract_images_per_s": attrs.get("images_per_s"), "created": datetime.now(timezone.utc).isoformat(),
-    }
-    scaler, estimator = model[0], model[-1]
-    provenance = {k: v for k, v in attrs.items() if k not in ("settings",)}
-    write_head(head_file, coef=np.atleast_2d(estimator.coef_), intercept=np.atleast_1d(estimator.intercept_),
-               scaler_mean=scaler.mean_, scaler_scale=scaler.scale_,
-               attrs={"head": head, "layer": layer, "C": C, "class_names": class_names,
-                      "score": "margin" if head == "svm" else "probability", "provenance": provenance})
-    if result_file.exists():  # a sweep's choice stays with its layer when the head is retrained
-        try:
-            result["chosen"] = bool(json.loads(result_file.read_text())["chosen"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    result_file.write_text(json.dumps(result, indent=2))
-    return result
-
-
-def resolve_layer(cache, layer):
-    """A cache layer by exact name, `penultimate`, or a tap whose one pooled version is cached."""
-    if layer in cache.layers:
-        return layer
-    if layer == "penultimate" and cache.attrs.get("penultimate") in cache.layers:
-        return cache.attrs["penultimate"]
-    pooled = [name for name in cache.layers if name.split(":")[0] == layer]
-    if len(pooled) == 1:
-        return pooled[0]
-    raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} "
-                     f"(extract it with `make extract LAYERS={layer}`)")
+    for grid in (COARSE_GRID, FINE_STEPS):
+        best = max(scores, key=lambda c: (scores[c], -c)) if scores else 1.0
+        for C in (best * step for step in grid):
+            scores[C] = accuracy_score(y_val, fit(name, C, X_train, y_train).predict(X_val))
+    return max(scores, key=lambda c: (scores[c], -c)), scores
 
 
 class LinearHead:
-    """A saved head, applied with numpy: scores = ((x - mean) / scale) @ coef.T + intercept."""
+    """A saved head (store.head_file) as a fitted scikit-learn classifier, applied with numpy:
+    decision_function(X) = ((X - mean_) / scale_) @ coef_.T + intercept_; `predict` gives class names."""
 
     def __init__(self, path):
         arrays, self.attrs = read_head(path)
-        self.coef, self.intercept = arrays["coef"], arrays["intercept"]
-        self.mean, self.scale = arrays["scaler_mean"], arrays["scaler_scale"]
-        self.class_names = list(self.attrs["class_names"])
+        self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
+        self.mean_, self.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
+        self.classes_ = np.array(self.attrs["class_names"], dtype=object)
         self.layer = self.attrs["layer"]
-        self.provenance = self.attrs.get("provenance", {})
+        self.provenance = self.attrs.get("provenance", {})  # the attributes of the cache it was trained on
 
     def decision_function(self, X):
-        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
+        """[N, K] scores, or [N] for a binary scikit-learn head (positive: the second class)."""
+        z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        return z[:, 0] if z.shape[1] == 1 else z
 
-    def predict_with_scores(self, X):
-        """-> (class index per row, score: probability, or margin for svm)."""
-        z = self.decision_function(X)  # [N, K], or [N, 1] for a binary sklearn head
-        if z.shape[1] == 1:
-            z = np.hstack([-z / 2, z / 2])  # binary: same argmax and softmax as sigmoid(z)
-        pred = z.argmax(axis=1)
-        if self.attrs.get("score") == "margin":  # distance of the winner from the runner-up
-            top2 = np.sort(z, axis=1)[:, -2:]
-            return pred, top2[:, 1] - top2[:, 0]
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        return pred, p.max(axis=1)
+    def predict(self, X):
+        return self.classes_[self._scores(X).argmax(axis=1)]
+
+    def margin(self, X):
+        """Per row: the winner's score minus the runner-up's (how sure an svm head is)."""
+        z = np.sort(self._scores(X), axis=1)
+        return z[:, -1] - z[:, -2]
+
+    def _probabilistic(self):
+        return self.attrs.get("score") != "margin"
+
+    @available_if(_probabilistic)
+    def predict_proba(self, X):
+        """[N, K] class probabilities (softmax and linear heads; an svm head has margins only)."""
+        return softmax(self._scores(X))
+
+    def _scores(self, X):
+        """[N, K] scores for every class; a binary head's z as (-z/2, z/2): same argmax and softmax as sigmoid(z)."""
+        z = self.decision_function(X)
+        return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z

@@ -2,12 +2,14 @@
 
     data = read_image_bytes(path)          # ImageDecodeError("no such file"), ("empty file (0 bytes)"), ...
     image = decode_image(data, draft=256)  # RGB PIL image; large JPEGs decoded at reduced scale
+    image, sha256 = load_file(path)        # both, reading the file once
 
 Every way a file can be bad (truncated, not an image, over the decompression-bomb
 limit, corrupt) becomes an ImageDecodeError whose message is the short reason stage
 one records when it skips the image. Every way a picture can be odd (CMYK, 16-bit,
 alpha, palette, animation, EXIF rotation) becomes a plain RGB image.
 """
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -32,6 +34,12 @@ def read_image_bytes(path):
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     return data
+
+
+def load_file(path, draft=None):
+    """An image file -> (RGB PIL image, sha256 hex of its bytes), reading it once (see decode_image)."""
+    data = read_image_bytes(path)
+    return decode_image(data, draft), hashlib.sha256(data).hexdigest()
 
 
 def decode_image(data, draft=None):

@@ -3,7 +3,8 @@
     predict_files("features/vehicles/heads/<cache>.avgpool.svm.h5", ["photos/"], "predictions.csv")
 
 The head file carries its cache's provenance (model, weights and their sha256,
-layer, pooling, precision), so the same codes are computed for new images.
+layer, pooling, precision, decoding), so new images get the codes the cache would
+have given them: the same `iter_codes` as extract, over `ImageFiles`.
 """
 import csv
 from pathlib import Path
@@ -11,25 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import load_backbone
-from .datasets import IMAGE_EXTENSIONS, ImageTable
-from .errors import DataError, WeightsError
-from .extract import default_batch_size, default_workers, iter_codes, resolve_device
+from .codes import iter_codes
+from .errors import WeightsError
+from .hardware import default_batch_size, default_workers, resolve_device
 from .heads import LinearHead
+from .plan import draft_size
+from .sources import ImageFiles, list_images
 
-
-def list_images(inputs):
-    """Files as given, folders searched recursively for images; sorted, no duplicates."""
-    found = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise DataError(f"{item}: no such file or folder; give image files or folders of images")
-    if not found:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}")
-    return list(dict.fromkeys(found))
+FILES_PER_WORKER = 16  # fewer files than this per decode process: not worth starting one
 
 
 def backbone_for(head, weights=None):
@@ -46,30 +36,38 @@ def backbone_for(head, weights=None):
     return backbone
 
 
-def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None):
-    """Write `path,label,score,skipped` for every image -> (images classified, images skipped)."""
-    head = LinearHead(head_file)
-    paths = list_images(inputs)
+def codes_of_files(head, files, weights=None, device="auto", batch_size=None):
+    """Codes of the head's layer for every file, as its cache made them -> (X [N, D], failures [N])."""
     backbone = backbone_for(head, weights)
-    table = ImageTable("predict", "files", Path("."), [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
-                       head.class_names, np.array(["test"] * len(paths)), "none", "")
     [layer] = backbone.resolve([head.layer])
     device = resolve_device(device)
-    batches = iter_codes(table, backbone, [layer], np.arange(len(paths)), device,
-                         head.provenance.get("precision", "fp32"), batch_size or default_batch_size(device),
-                         min(default_workers(), len(paths) // 16))
-    codes, failures = zip(*batches) if len(paths) else ((), ())
-    X = np.concatenate([c[layer.name] for c in codes])  # [N, D]
-    failures = [reason for batch in failures for reason in batch]
-    pred, score = head.predict_with_scores(X)
+    info = head.provenance
+    draft = None if info.get("decode", "full") == "full" else draft_size(backbone.transform)
+    X, failures = np.zeros((len(files), layer.dim), dtype=np.float32), [""] * len(files)
+    for batch, codes in iter_codes(files, backbone, [layer], np.arange(len(files)), device=device,
+                                   precision=info.get("precision", "fp32"),
+                                   batch_size=batch_size or default_batch_size(device),
+                                   num_workers=min(default_workers(device), len(files) // FILES_PER_WORKER),
+                                   draft=draft):
+        X[batch.rows] = codes[layer.name]
+        for row, reason in zip(batch.rows, batch.failures):
+            failures[row] = reason
+    return X, failures
+
+
+def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None):
+    """Write `path,label,score,skipped` for every image -> (images classified, images skipped).
+    The score is the winner's probability, or for an svm head its margin over the runner-up."""
+    head = LinearHead(head_file)
+    files = ImageFiles(list_images(inputs))
+    X, failures = codes_of_files(head, files, weights, device, batch_size)
+    score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
+    labels = head.predict(X)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "score", "skipped"])
-        for path, k, s, reason in zip(paths, pred, score, failures):
-            if reason:  # undecodable: no label, and why
-                writer.writerow([str(path), "", "", reason])
-            else:
-                writer.writerow([str(path), head.class_names[k], f"{s:.6f}", ""])
+        for path, label, s, reason in zip(files.ids, labels, score, failures):
+            writer.writerow([path, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
     skipped = sum(1 for reason in failures if reason)
-    return len(paths) - skipped, skipped
+    return len(files) - skipped, skipped

@@ -4,11 +4,11 @@
     table, paths = write_report("features", "reports", "data")
     print(table)   # the same runs as a fixed-width table, then any skipped files
 
-Reads only the result JSON that `heads.train_head` writes next to each head
-(FEATURES_DIR/*/heads/*.json); nothing is unpickled and torch is never imported.
-The best run of a data set is the one with the highest *validation* accuracy
-(ties: a sweep's chosen layer, then the first in sort order); test accuracy is
-reported, never used to choose.
+Reads only the result JSON that `train.train_head` writes next to each head
+(store.results.HeadResult) and the sweeps' records; nothing is unpickled and torch
+is never imported. The best run of a data set is the one with the highest
+*validation* accuracy (ties: a sweep's chosen layer, then the first in sort order);
+test accuracy is reported, never used to choose.
 Runs on random weights are labelled "random (untrained)" wherever weights show.
 """
 import html
@@ -17,83 +17,64 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
+from .errors import PipelineError
+from .paths import result_files, sweep_record_files, weights_tag
+from .plots import plot_confusion, plot_depth, thumbnail_strip
+from .store import read_result, read_sweep_record
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is set)
-import numpy as np  # noqa: E402
-
-from .errors import PipelineError  # noqa: E402
-
-# Keys a result must hold, with their JSON types; files without them are skipped.
-REQUIRED = {"dataset": str, "model": str, "weights": str, "layer": str, "head": str, "dim": int,
-            "n_train": int, "n_val": int, "n_test": int, "C": float, "val_accuracy": float,
-            "test_accuracy": float, "test_balanced_accuracy": float, "test_macro_f1": float,
-            "confusion_matrix": list, "class_names": list, "per_class": list}
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
               "test_macro_f1", "head_file", "result_file")
 COLUMNS = ("dataset", "model", "weights", "layer", "head", "dim", "train", "val", "test", "C",
            "val acc", "test acc", "balanced acc", "macro-F1", "chosen")
 CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
-STRIP_SIZE = 12
 
 
 def collect_runs(features_dir):
-    """Every usable result JSON under FEATURES_DIR/*/heads/ -> (runs in sort order, warnings)."""
+    """Every usable result under FEATURES_DIR/*/heads/ -> (runs in sort order, warnings). A run is its
+    HeadResult plus `result_file` and `chosen` (whether a sweep chose its layer)."""
+    chosen = _sweep_choices(features_dir)
     runs, warnings = [], []
-    for path in sorted(Path(features_dir).glob("*/heads/*.json")):
+    for path in result_files(features_dir):
         try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # ValueError covers bad JSON and bad UTF-8
-            warnings.append(f"warning: skipped {path}: not readable JSON ({e})")
+            result = read_result(path)
+        except ValueError as e:
+            warnings.append(f"warning: skipped {path}: {e}")
             continue
-        problem = _problem(result)
-        if problem:
-            warnings.append(f"warning: skipped {path}: {problem}")
-            continue
-        runs.append({**result, "result_file": str(path)})
+        sweep = chosen.get((str(result.get("cache")), result["head"]))
+        runs.append({**result, "result_file": str(path), **({"chosen": sweep == result["layer"]} if sweep else {})})
     if not runs:
         why = f" ({len(warnings)} unusable; {warnings[0][9:]})" if warnings else ""
         raise PipelineError(f"no trained heads under {features_dir}/*/heads{why}; run `make train-head` first")
     return sorted(runs, key=sort_key), warnings
 
 
-def _problem(result):
-    """Why a parsed result cannot be reported, or None."""
-    if not isinstance(result, dict):
-        return "not a JSON object"
-    missing = [key for key in REQUIRED if key not in result]
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    for key, kind in REQUIRED.items():
-        value = result[key]
-        number = (int, float) if kind is float else kind
-        if isinstance(value, bool) or not isinstance(value, number) or (kind is float and not math.isfinite(value)):
-            return f"{key} is not a {kind.__name__}"
-    k = len(result["class_names"])
-    if np.shape(result["confusion_matrix"]) != (k, k):
-        return f"confusion_matrix is not {k}x{k}"
-    if not all(isinstance(c, dict) and {"class", "precision", "recall", "f1", "support"} <= c.keys()
-               for c in result["per_class"]):
-        return "per_class entries lack class/precision/recall/f1/support"
-    return None
+def _sweep_choices(features_dir):
+    """{(cache, head): the layer its sweep chose}, from the readable sweep records."""
+    choices = {}
+    for path in sweep_record_files(features_dir):
+        try:
+            record = read_sweep_record(path)
+        except ValueError:
+            continue
+        choices[(str(record.get("cache")), str(record.get("head")))] = record["chosen"]
+    return choices
 
 
-def weights_tag(run):
+def run_weights_tag(run):
     """Weights as in the cache name: IMAGENET1K_V1, random, or file-<sha256 prefix>."""
-    sha = run.get("weights_sha256") or ""
-    return f"file-{sha[:8]}" if run["weights"] == "file" and isinstance(sha, str) and sha else run["weights"]
+    sha = run.get("weights_sha256")
+    return weights_tag(run["weights"], sha if isinstance(sha, str) else "")
 
 
 def weights_label(run):
-    return "random (untrained)" if run["weights"] == "random" else weights_tag(run)
+    return "random (untrained)" if run["weights"] == "random" else run_weights_tag(run)
 
 
 def sort_key(run):
     depth = run.get("depth")
     depth = depth if isinstance(depth, int) and not isinstance(depth, bool) else math.inf  # unknown: last
-    return run["dataset"], run["model"], weights_tag(run), run["head"], depth, run["layer"]
+    return run["dataset"], run["model"], run_weights_tag(run), run["head"], depth, run["layer"]
 
 
 def best_run(runs):
@@ -105,7 +86,7 @@ def depth_groups(runs):
     """(dataset, model, weights, head) -> its runs, for groups with 2+ layers."""
     groups = {}
     for run in runs:
-        groups.setdefault((run["dataset"], run["model"], weights_tag(run), run["head"]), []).append(run)
+        groups.setdefault((run["dataset"], run["model"], run_weights_tag(run), run["head"]), []).append(run)
     return {key: group for key, group in groups.items() if len({r["layer"] for r in group}) >= 2}
 
 
@@ -157,101 +138,11 @@ def _title(run):
     return f"{run['dataset']}: {run['model']}, {weights_label(run)}"
 
 
-def plot_confusion(run, path):
-    """Confusion matrix of a run's test predictions: counts, shaded by share of the true class."""
-    counts = np.asarray(run["confusion_matrix"], dtype=float)
-    names = [str(n)[:20] for n in run["class_names"]]
-    k = len(names)
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.35 * k, 16)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
-    if k <= 40:
-        ax.set_xticks(range(k), names, rotation=90 if k > 6 else 0, fontsize=8 if k > 15 else 10)
-        ax.set_yticks(range(k), names, fontsize=8 if k > 15 else 10)
-    if k <= 20:
-        for i, j in np.ndindex(counts.shape):
-            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{_title(run)}\n{run['layer']}, {run['head']}: test accuracy {run['test_accuracy']:.3f}", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_depth(runs, path):
-    """Val and test accuracy against layer depth for one group; the chosen layer starred."""
-    runs = sorted(runs, key=sort_key)
-    x = np.arange(len(runs))
-    val = [r["val_accuracy"] for r in runs]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(runs) + 2), 4))
-    ax.plot(x, val, "o-", label="val")
-    ax.plot(x, [r["test_accuracy"] for r in runs], "s--", label="test")
-    marked = [r for r in runs if r.get("chosen") is True] or [best_run(runs)]
-    at = runs.index(marked[0])
-    ax.plot(at, val[at], "*", markersize=18, color="gold", markeredgecolor="black",
-            label=f"chosen: {runs[at]['layer']}")
-    ax.set_xticks(x, [r["layer"] for r in runs], rotation=30, ha="right")
-    ax.set_xlabel("layer (input side to output side)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{_title(runs[0])}, {runs[0]['head']}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def _image_table(run, data_dir):
-    """The run's data set, from where it was extracted if that folder is still there."""
-    from .datasets import load_dataset
-
-    root = run.get("dataset_root")
-    if isinstance(root, str) and root and Path(root).is_dir():
-        return load_dataset(Path(root).name, Path(root).parent)
-    if run.get("layout") == "digits":
-        return load_dataset("digits")
-    return load_dataset(run["dataset"], data_dir)
-
-
-def thumbnail_strip(run, data_dir, path, limit=STRIP_SIZE):
-    """Up to `limit` misclassified test images with true and predicted labels -> one PNG.
-    Returns None when written, else a one-line reason it was not."""
-    wrong = [m for m in run.get("misclassified") or [] if isinstance(m, dict) and "id" in m]
-    if not wrong:
-        return "no misclassified test images listed"
-    try:
-        table = _image_table(run, data_dir)
-        row_of = {str(i): row for row, i in enumerate(table.ids)}
-        shown = []
-        for m in wrong:
-            row = row_of.get(str(m["id"]))
-            # the label check catches a data set that changed since extraction
-            if row is not None and table.class_names[table.labels[row]] == m.get("true"):
-                shown.append((table.load_image(row), m))
-            if len(shown) == limit:
-                break
-    except Exception as e:  # noqa: BLE001 - a missing thumbnail must not sink the report
-        return f"images not loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
-    if not shown:
-        return "none of the misclassified ids were found in the data set with the same label"
-    cols = min(6, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, m) in zip(axes.flat, shown):
-        image.thumbnail((128, 128))
-        ax.imshow(image, interpolation="nearest" if max(image.size) < 64 else "antialiased")
-        ax.set_title(f"true: {str(m.get('true'))[:14]}\npred: {str(m.get('predicted'))[:14]}", fontsize=8)
-    _save(fig, path)
-    return None
+def _plot_depth(group, path):
+    """A group's accuracy against depth, its chosen layer (or its best on val) starred."""
+    group = sorted(group, key=sort_key)
+    chosen = next((r for r in group if r.get("chosen") is True), None) or best_run(group)
+    return plot_depth(group, chosen, f"{_title(group[0])}, {group[0]['head']}", path)
 
 
 def _file_name(*parts):
@@ -347,8 +238,8 @@ def write_report(features_dir="features", reports_dir="reports", data_dir="data"
     for dataset in dict.fromkeys(r["dataset"] for r in runs):
         own = [r for r in runs if r["dataset"] == dataset]
         best = best_run(own)
-        section = {"best": best, "confusion": plot_confusion(best, out / _file_name(dataset, "confusion")),
-                   "depth": [plot_depth(group, out / _file_name(*key, "depth"))
+        section = {"best": best, "confusion": plot_confusion(best, _title(best), out / _file_name(dataset, "confusion")),
+                   "depth": [_plot_depth(group, out / _file_name(*key, "depth"))
                              for key, group in depth_groups(own).items()]}
         strip = out / _file_name(dataset, "misclassified")
         section["strip_note"] = thumbnail_strip(best, data_dir, strip)

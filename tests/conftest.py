@@ -69,3 +69,53 @@ def assert_same_codes(actual, expected, rtol=1e-4):
     scale = float(np.abs(expected).max())
     assert scale > 0, "all-zero codes compare nothing"
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def invoke(*args):
+    """Run the CLI in-process as a user would type it (arguments made strings)."""
+    from click.testing import CliRunner
+    from pipeline.cli import cli
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result):
+    """The CLI's error line of a failed command; asserts it failed with one line and no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[-1]
+
+
+def image_folder(root, colors, per_split=(("train", 6), ("val", 3), ("test", 3)), size=lambda i: (32, 24)):
+    """An ImageFolder with its own split folders: per split, `n` images per class of `colors`
+    ({class: RGB}); `size(i)` gives the i-th image's size."""
+    for split, n in per_split:
+        for name, color in colors.items():
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", size=size(i), color=color)
+    return root
+
+
+def textured(size, seed):
+    """A photo-like RGB image: smooth structure at several scales plus sensor noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    image = np.zeros((h, w, 3))
+    for cells, weight in ((4, 90.0), (16, 50.0), (64, 25.0)):
+        coarse = Image.fromarray(rng.integers(0, 256, (cells, cells * w // h, 3), dtype=np.uint8))
+        image += weight * np.asarray(coarse.resize(size, Image.BICUBIC), dtype=np.float64) / 255.0
+    image += rng.normal(0, 4, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def write_jpeg(path, size, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    textured(size, seed).save(path, quality=90)
+    return path
+
+
+def ok(*args):
+    """Run the CLI, assert it succeeded, return its output."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result.output

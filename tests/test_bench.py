@@ -1,4 +1,4 @@
-"""pipeline/bench.py on a tiny corpus: every figure is there and consistent. No figure's value
+"""benchmarks/stage_one.py on a tiny corpus: every figure is there and consistent. No figure's value
 (no speed) is asserted: the bench is a script whose numbers belong to the machine."""
 import csv
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import bench
+from benchmarks import stage_one as bench
 from pipeline.datasets import load_dataset
 
 KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling", "ratio_vs_baseline",

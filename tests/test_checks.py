@@ -1,7 +1,7 @@
 """checks.py: skipped images and byte-identical duplicates (the leakage check), and the report's rendering."""
 import numpy as np
 
-from pipeline.checks import data_checks, duplicate_groups, summary
+from pipeline.checks import data_checks, duplicate_groups, note, summary
 from pipeline.report import checks_text
 
 IDS = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg", "g.jpg"]
@@ -35,11 +35,22 @@ def test_data_checks_counts_leaks_and_conflicts():
     assert "1 duplicate groups have conflicting labels" in line
 
 
+class Clean(FakeCache):
+    sha256 = np.array(["1", "2", "3", "4", "5", "6", "7"])
+    skipped = []
+
+
 def test_clean_data_says_nothing():
-    class Clean(FakeCache):
-        sha256 = np.array(["1", "2", "3", "4", "5", "6", "7"])
-        skipped = []
-    assert summary(data_checks(Clean())) == ""
+    assert summary(data_checks(Clean())) == "" and note(data_checks(Clean())) == ""
+
+
+def test_note_suggests_dropping_duplicates_only_when_they_leak():
+    leaking = note(data_checks(FakeCache()))
+    assert leaking.startswith("note: 1 images skipped; 2 val/test") and "DROP_DUPLICATES=1" in leaking
+
+    class OnlySkipped(Clean):
+        skipped = [("x.jpg", "truncated image data")]
+    assert note(data_checks(OnlySkipped())) == "note: 1 images skipped; `make report` lists them"
 
 
 def test_report_lists_every_group_and_skip():

@@ -1,19 +1,12 @@
 """The CLI: thin commands, one-line errors that say what to do, never a traceback."""
-from click.testing import CliRunner
+from conftest import image_folder, invoke, one_line_error, write_image
 
-from conftest import write_image
-from pipeline.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+DARK_LIGHT = {"dark": (30, 30, 30), "light": (230, 230, 230)}
 
 
-def one_line_error(result):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
-    return lines[-1]
+def shapes(tmp_path):
+    """An ImageFolder with split folders: dark and light images of different sizes."""
+    return image_folder(tmp_path / "data" / "shapes", DARK_LIGHT, size=lambda i: (20 + i, 20))
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
@@ -33,11 +26,7 @@ def test_taps_and_models_list():
 
 
 def test_extract_train_report_predict(tmp_path):
-    data = tmp_path / "data" / "shapes"
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
-            for i in range(n):
-                write_image(data / split / name / f"{i}.png", color=color)
+    data = shapes(tmp_path)
     common = ("--data-dir", tmp_path / "data", "--features-dir", tmp_path / "features")
     result = invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
                     "--layers", "penultimate,layer2:max", "--precision", "fp32", "--workers", "0", "--quiet", *common)
@@ -47,6 +36,11 @@ def test_extract_train_report_predict(tmp_path):
     assert "nothing to do" in again.output
     trained = invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2", *common)
     assert trained.exit_code == 0 and "svm on layer2:max" in trained.output
+    named = invoke("train-head", "--head", "softmax", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
+                   *common)
+    assert named.exit_code == 0 and "resnet18-random.avgpool.softmax.h5" in named.output
+    other = invoke("train-head", "--dataset", "shapes", "--model", "resnet18", "--weights", "default", *common)
+    assert "resnet18-IMAGENET1K_V1.h5: no such feature cache" in one_line_error(other)
     missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))
     assert "make sweep" in missing
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
@@ -55,16 +49,6 @@ def test_extract_train_report_predict(tmp_path):
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6
-
-
-def shapes(tmp_path):
-    """An ImageFolder with split folders: dark and light images of different sizes."""
-    data = tmp_path / "data" / "shapes"
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        for name, color in {"dark": (30, 30, 30), "light": (230, 230, 230)}.items():
-            for i in range(n):
-                write_image(data / split / name / f"{i}.png", size=(20 + i, 20), color=color)
-    return data
 
 
 def test_changed_data_stops_and_says_what_to_do(tmp_path):

@@ -4,12 +4,13 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import assert_same_codes, write_image
+from conftest import assert_same_codes, image_folder, write_image
+from pipeline import backbones
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, IncompleteCacheError, StaleCacheError
-from pipeline.extract import extract_features, resolve_precision
-from pipeline.store import CacheWriter, FeatureCache, extraction_lock, partial_path
+from pipeline.extract import extract_features
+from pipeline.store import FeatureCache, PartialCache, extraction_lock, partial_path
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 
@@ -17,12 +18,8 @@ COLORS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 @pytest.fixture
 def folder(tmp_path):
     """An ImageFolder with its own splits: 8 train, 4 val, 4 test per class."""
-    root = tmp_path / "data" / "toy"
-    for split, n in (("train", 8), ("val", 4), ("test", 4)):
-        for name, color in COLORS.items():
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", size=(40 + i, 30), color=color)
-    return root
+    return image_folder(tmp_path / "data" / "toy", COLORS, (("train", 8), ("val", 4), ("test", 4)),
+                        size=lambda i: (40 + i, 30))
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +62,20 @@ def codes_by_id(path, layer="avgpool"):
         return dict(zip(cache.ids, cache.features(layer)[0])), dict(zip(cache.ids, cache.split))
 
 
+def avgpool_codes(result, remove=False):
+    """The cached avgpool codes [N, D] of an extract result; `remove`: delete the cache after reading."""
+    with FeatureCache(result.path) as cache:
+        codes = cache.features("avgpool")[0]
+    if remove:
+        result.path.unlink()
+    return codes
+
+
 def test_changed_data_is_never_served_from_the_old_cache(folder, backbone):
     first = run(folder, backbone)
     write_image(folder / "train" / "red" / "new.png", color=(250, 0, 0))
-    with pytest.raises(StaleCacheError) as e:
+    with pytest.raises(StaleCacheError, match=r"1 new \(first: train/red/new.png\).*--update.*--rebuild"):
         run(folder, backbone)
-    message = str(e.value)
-    assert "1 new (first: train/red/new.png)" in message and "--update" in message and "--rebuild" in message
     second = run(folder, backbone, rebuild=True)
     assert second.status == "extracted" and second.rows == 33 and first.path == second.path
     with FeatureCache(second.path) as cache:
@@ -162,17 +166,15 @@ def test_more_layers_extends_the_cache(folder, backbone):
 
 def test_interrupted_extraction_resumes_to_identical_rows(folder, backbone, monkeypatch):
     full = run(folder, backbone, ["penultimate"])
-    with FeatureCache(full.path) as cache:
-        expected = cache.features("avgpool")[0]
-    full.path.unlink()
-    append = CacheWriter.append
+    expected = avgpool_codes(full, remove=True)
+    append = PartialCache.append
 
     def stop_after_two(writer, *args, **kwargs):
         if writer.n_done == 10:
             raise KeyboardInterrupt  # Ctrl-C while the third batch is written
         append(writer, *args, **kwargs)
 
-    monkeypatch.setattr(CacheWriter, "append", stop_after_two)
+    monkeypatch.setattr(PartialCache, "append", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(folder, backbone, ["penultimate"])
     monkeypatch.undo()
@@ -181,34 +183,28 @@ def test_interrupted_extraction_resumes_to_identical_rows(folder, backbone, monk
     resumed = run(folder, backbone, ["penultimate"])
     assert resumed.status == "resumed" and resumed.rows == 22
     assert not partial_path(full.path).exists()
-    with FeatureCache(full.path) as cache:
-        assert_same_codes(cache.features("avgpool")[0], expected, rtol=1e-5)
+    assert_same_codes(avgpool_codes(full), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("options", [{"batch_size": 1}, {"batch_size": 32, "num_workers": 2}])
 def test_batch_size_and_workers_give_the_same_codes(folder, backbone, tmp_path, options):
-    reference = run(folder, backbone)
-    with FeatureCache(reference.path) as cache:
-        expected = cache.features("avgpool")[0]
-    reference.path.unlink()
-    other = run(folder, backbone, **options)
-    with FeatureCache(other.path) as cache:
-        assert_same_codes(cache.features("avgpool")[0], expected)
+    expected = avgpool_codes(run(folder, backbone), remove=True)
+    assert_same_codes(avgpool_codes(run(folder, backbone, **options)), expected)
 
 
 def test_bf16_codes_stay_close_to_fp32(folder, backbone):
-    fp32 = run(folder, backbone)
-    with FeatureCache(fp32.path) as cache:
-        a = cache.features("avgpool")[0]
-    fp32.path.unlink()
-    bf16 = run(folder, backbone, precision="bf16")
-    with FeatureCache(bf16.path) as cache:
-        b = cache.features("avgpool")[0]
+    a = avgpool_codes(run(folder, backbone), remove=True)
+    b = avgpool_codes(run(folder, backbone, precision="bf16"))
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.mean() > 0.99
 
 
-def test_precision_auto_is_recorded_resolved():
-    import torch
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
-    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+def test_the_graph_is_traced_once_per_request(folder, monkeypatch):
+    """One trace for the node names, one feature extractor for the requested layers, reused by the loop."""
+    calls = []
+    for name in ("create_feature_extractor", "get_graph_node_names"):
+        real = getattr(backbones, name)
+        monkeypatch.setattr(backbones, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    result = run(folder, load_backbone("resnet18", "none"), ["penultimate", "layer2:max"])
+    assert result.status == "extracted"
+    assert sorted(calls) == ["create_feature_extractor", "get_graph_node_names"]

@@ -1,29 +1,42 @@
-"""Predict: a trained head + its backbone classify new files into a CSV."""
+"""predict.py: a trained head + its backbone classify new files into a CSV, with the codes extract gave them."""
 import csv
 
 import pytest
 
-from conftest import write_image
+from conftest import assert_same_codes, image_folder
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
-from pipeline.errors import DataError, WeightsError
+from pipeline.errors import WeightsError
 from pipeline.extract import extract_features
-from pipeline.heads import train_head
-from pipeline.predict import list_images, predict_files
+from pipeline.heads import LinearHead
+from pipeline.predict import codes_of_files, predict_files
+from pipeline.sources import ImageFiles
+from pipeline.store import FeatureCache
+from pipeline.train import train_head
+
+RED_BLUE = {"red": (230, 20, 20), "blue": (20, 20, 230)}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A softmax head on random-weight resnet18 codes of red vs blue images."""
-    root = tmp_path_factory.mktemp("p") / "data" / "colors"
-    for split, n in (("train", 10), ("val", 4), ("test", 4)):
-        for name, color in {"red": (230, 20, 20), "blue": (20, 20, 230)}.items():
-            for i in range(n):
-                write_image(root / split / name / f"{i}.png", size=(30 + 3 * i, 30), color=color)
+    root = image_folder(tmp_path_factory.mktemp("p") / "data" / "colors", RED_BLUE,
+                        (("train", 10), ("val", 4), ("test", 4)), size=lambda i: (30 + 3 * i, 30))
     table = load_dataset("colors", root.parent)
     result = extract_features(table, load_backbone("resnet18", "none"), ["penultimate"], root.parent.parent / "f",
                               precision="fp32", num_workers=0, progress=False)
     return root, result.path, train_head(result.path, "penultimate", "softmax")
+
+
+def test_predict_computes_the_codes_extract_cached(trained):
+    root, cache_path, result = trained
+    with FeatureCache(cache_path) as cache:
+        cached = dict(zip(cache.ids, cache.features("avgpool")[0]))
+    ids = sorted(cached)
+    X, failures = codes_of_files(LinearHead(result["head_file"]), ImageFiles([root / i for i in ids]), device="cpu")
+    assert failures == [""] * len(ids)
+    for id_, codes in zip(ids, X):
+        assert_same_codes(codes, cached[id_])
 
 
 def test_predict_matches_the_cached_codes(trained, tmp_path):
@@ -38,15 +51,11 @@ def test_predict_matches_the_cached_codes(trained, tmp_path):
     assert all(0.5 <= float(r["score"]) <= 1.0 for r in rows)  # winner's probability, two classes
 
 
-def test_predict_single_file_and_errors(trained, tmp_path):
+def test_predict_a_single_file(trained, tmp_path):
     root, _, result = trained
     out = tmp_path / "one.csv"
     assert predict_files(result["head_file"], [root / "val" / "red" / "0.png"], out, device="cpu") == (1, 0)
-    with pytest.raises(DataError, match="no such file or folder"):
-        list_images([tmp_path / "nope"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no images"):
-        list_images([tmp_path / "empty"])
+    assert list(csv.DictReader(open(out)))[0]["path"] == str(root / "val" / "red" / "0.png")
 
 
 def test_predict_refuses_other_weights(trained, tmp_path):

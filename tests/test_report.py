@@ -1,15 +1,12 @@
 """pipeline.report on hand-made result JSONs: tables, best-on-val, plots, thumbnails, bad input."""
 import json
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import cli
+from conftest import invoke, one_line_error
 from pipeline.errors import PipelineError
 from pipeline.report import best_run, collect_runs, write_report
 
@@ -21,13 +18,13 @@ SHAPES = ["<circle>", "square", "triangle"]  # "<circle>" checks HTML escaping
 RUNS = [
     ("toys", "resnet18", "IMAGENET1K_V1", "layer2:avg", "softmax", 0, 0.80, 0.85, {}),
     # chosen on val by the sweep, and the best val of toys, but not the best test
-    ("toys", "resnet18", "IMAGENET1K_V1", "layer3:avg", "softmax", 1, 0.90, 0.70, {"chosen": True, "data_checks": {
+    ("toys", "resnet18", "IMAGENET1K_V1", "layer3:avg", "softmax", 1, 0.90, 0.70, {"data_checks": {
         "n_skipped": 1, "skipped": [{"id": "train/cat/bad.png", "reason": "truncated image data"}],
         "n_duplicate_groups": 1, "n_duplicate_images": 2, "n_groups_across_splits": 1,
         "n_groups_conflicting_labels": 1, "n_eval_images_seen_in_train": 1,
         "groups": [{"sha256": "ab", "ids": ["train/cat/0.png", "test/dog/0.png"], "labels": ["cat", "dog"],
                     "splits": ["train", "test"], "across_splits": True, "conflicting_labels": True}]}}),
-    ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "softmax", 2, 0.85, 0.95, {"chosen": False}),
+    ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "softmax", 2, 0.85, 0.95, {"chosen": True}),  # a stale flag: ignored
     ("toys", "resnet18", "IMAGENET1K_V1", "avgpool", "svm", 2, 0.88, 0.99, {}),
     ("toys", "resnet18", "random", "avgpool", "softmax", 2, 0.50, 0.50, {}),
     ("shapes", "vgg16", "IMAGENET1K_V1", "features.10:avg", "softmax", 0, 0.60, 0.65, {}),
@@ -68,6 +65,12 @@ def make_image_folder(root):
 
 
 def write_features(features, data):
+    """The results of RUNS, and the record of a softmax sweep over the toys resnet18 cache that chose layer3."""
+    sweep = {"cache": "features/toys/resnet18-IMAGENET1K_V1.h5", "head": "softmax", "pooling": "avg",
+             "chosen": "layer3:avg", "criterion": "val_accuracy", "layers": []}
+    (features / "toys").mkdir(parents=True)
+    (features / "toys" / "resnet18-IMAGENET1K_V1.sweep-softmax.json").write_text(json.dumps(sweep))
+    (features / "toys" / "resnet18-random.sweep-softmax.json").write_text("{unreadable")  # ignored
     for run in RUNS:
         dataset, model, weights, layer, head = run[:5]
         root = data / "toys" if dataset == "toys" else data / "no-such-folder"
@@ -98,7 +101,8 @@ def test_runs_json_has_one_entry_per_run_with_fields(report):
     keys = [(r["dataset"], r["model"], r["weights"], r["head"], r["depth"]) for r in runs]
     assert keys == sorted(keys)
     chosen = {(r["dataset"], r["weights"], r["layer"], r["head"]): r["chosen"] for r in runs if "chosen" in r}
-    assert chosen == {("toys", "IMAGENET1K_V1", "layer3:avg", "softmax"): True,
+    assert chosen == {("toys", "IMAGENET1K_V1", "layer3:avg", "softmax"): True,  # from the sweep's own record
+                      ("toys", "IMAGENET1K_V1", "layer2:avg", "softmax"): False,
                       ("toys", "IMAGENET1K_V1", "avgpool", "softmax"): False}
 
 
@@ -202,14 +206,19 @@ def test_no_results_is_a_pipeline_error(tmp_path):
 
 
 def test_cli_report(report, tmp_path):
-    runner = CliRunner()
-    ok = runner.invoke(cli, ["report", "--features-dir", str(report["features"]), "--reports-dir", str(tmp_path)])
+    ok = invoke("report", "--features-dir", report["features"], "--reports-dir", tmp_path)
     assert ok.exit_code == 0, ok.output
     assert "random (untrained)" in ok.output and "index.html" in ok.output
-    empty = runner.invoke(cli, ["report", "--features-dir", str(tmp_path / "none"), "--reports-dir", str(tmp_path)])
-    assert empty.exit_code == 1 and "no trained heads" in empty.output
+    empty = invoke("report", "--features-dir", tmp_path / "none", "--reports-dir", tmp_path)
+    assert "no trained heads" in one_line_error(empty)
 
 
-def test_report_does_not_import_torch():
-    code = "import sys, pipeline.report; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+def test_result_schema_is_what_train_head_writes_and_report_reads():
+    from pipeline.store.results import HeadResult, result_problem
+    result = make_result(*RUNS[0], root="data/toys")
+    assert result_problem(result) is None
+    assert set(result) <= set(HeadResult.__annotations__)
+    for key in HeadResult.__required_keys__:
+        assert result_problem({k: v for k, v in result.items() if k != key}) == f"lacks {key}"
+    assert result_problem({**result, "C": "0.1"}) == "C is not a float"
+    assert result_problem({**result, "confusion_matrix": [[1, 2]]}) == "confusion_matrix is not 2x2"

@@ -3,17 +3,10 @@ every layer is scored for the report, and `train-head --layer auto` uses the cho
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
+from conftest import ok as invoke
 
 pytestmark = pytest.mark.e2e
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def check_one_chosen(runs):

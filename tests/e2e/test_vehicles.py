@@ -4,17 +4,10 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
+from conftest import ok as invoke
 
 pytestmark = pytest.mark.e2e
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_vehicles_mobilenet_v2_end_to_end(shared, mobilenet_weights, tmp_path):

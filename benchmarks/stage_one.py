@@ -1,7 +1,7 @@
 """Stage-one speed: the pipeline against the forward-pass ceiling and the tutorial loop.
 
-    python -m pipeline.bench                                  # resnet50, the defaults (`make bench`)
-    python -m pipeline.bench --model resnet18 --images 64 --no-accuracy
+    python benchmarks/stage_one.py                            # resnet50, the defaults (`make bench`)
+    python benchmarks/stage_one.py --model resnet18 --images 64 --no-accuracy
 
 One run, one model, the same images throughout: a corpus made from the vehicles
 JPEGs upscaled to photo sizes (half 500x375, half 1024x768, quality 90), an
@@ -47,12 +47,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .backbones import load_backbone
-from .datasets import load_dataset
-from .errors import PipelineError
-from .extract import (autocast_for, default_batch_size, default_workers, extract_features, image_loader,
-                      native_cpu_bf16, prepare_model, resolve_device, resolve_precision)
-from .store import FeatureCache
+from pipeline.backbones import load_backbone
+from pipeline.codes import image_batches, prepare_model
+from pipeline.datasets import load_dataset
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_features
+from pipeline.hardware import (autocast_for, default_batch_size, default_workers, native_cpu_bf16, resolve_device,
+                               resolve_precision)
+from pipeline.plan import draft_size
+from pipeline.store import FeatureCache
+from pipeline.train import train_head
 
 SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
 QUALITY = 90
@@ -142,8 +146,9 @@ def ceiling(backbone, table, device, precision, batch_size, workers):
     """Forward-only rate of the pipeline's Extractor, prepared as the loop prepares it, on batches
     already in memory -> (img/s, codes [N, D], the batches, the model: forward_rate measures again)."""
     [layer] = backbone.resolve(["penultimate"])
-    loader = image_loader(table, backbone.transform, np.arange(len(table)), device, batch_size, workers)
-    batches = [images.to(device, memory_format=torch.channels_last) for images, *_ in loader]  # [B, 3, H, W]
+    loader = image_batches(table, backbone.transform, np.arange(len(table)), device, batch_size, workers,
+                           draft_size(backbone.transform))
+    batches = [batch.images.to(device, memory_format=torch.channels_last) for batch in loader]  # [B, 3, H, W]
     model = prepare_model(backbone.extractor([layer]), device)
     rate, codes = forward_rate(model, batches, device, precision)
     return rate, codes[layer.name], batches, model
@@ -245,16 +250,17 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
     return result
 
 
-_CHILD = ("import json, sys; from pipeline import bench; "
-          "print(json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))")
+_CHILD = ("import json, sys; sys.path.insert(0, sys.argv[3]); import stage_one; "
+          "print(json.dumps(getattr(stage_one, sys.argv[1])(**json.loads(sys.argv[2]))))")
 
 
 def in_fresh_process(function, **args):
-    """bench.<function>(**args) in a new Python process -> its result, plus the peak PSS of the
+    """stage_one.<function>(**args) in a new Python process -> its result, plus the peak PSS of the
     process and its DataLoader workers, sampled from /proc."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function, json.dumps(args)], stdout=subprocess.PIPE,
+    here = str(Path(__file__).resolve().parent)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function, json.dumps(args), here], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     peak = [0.0]
     sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True)
@@ -292,8 +298,6 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
     """Softmax-head test accuracy on vehicles from an fp32 cache and from a bf16 cache (MobileNetV2,
     real weights), and the cosine of their codes -> {precision: accuracy, "cosine": [N]}, or None
     without the weights."""
-    from .heads import train_head
-
     weights = Path(shared) / MOBILENET_WEIGHTS
     if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
         return None

@@ -1,0 +1,136 @@
+"""Images to codes: the one generator stage one, predict and the bench all run.
+
+    pairs = iter_codes(source, backbone, layers, rows, device=device, precision="fp32",
+                       batch_size=32, num_workers=0, draft=256)
+    for batch, codes in pairs:      # batch: a sources.Batch; codes: {layer name: float32 [B, D]}
+        ...
+
+A DataLoader decodes and transforms the rows of an image source into `Batch`
+records: in worker processes while a GPU computes or, on CPU, by one thread per
+core between forward passes (see hardware.default_workers). An image that cannot
+be decoded runs as zeros and carries its reason in `batch.failures`. The backbone
+runs every requested layer in one forward pass (eval, inference_mode, BatchNorm
+folded, channels_last, autocast at the precision), and nothing waits on a GPU per
+batch: the codes of batch k are copied to host memory while batch k+1 is queued.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Extractor
+from .errors import ImageDecodeError
+from .hardware import autocast_for, keep_freed_memory
+from .sources import Batch
+
+__all__ = ["iter_codes", "image_batches", "prepare_model", "forward"]
+
+PREFETCH_BATCHES = 4  # per worker
+
+
+class SourceRows(Dataset):
+    """Rows `rows` of an image source as (row, image tensor [3, H, W], sha256, failure) items.
+
+    `draft`: the size the transform resizes to, so large JPEGs decode at reduced scale
+    (images.draft_decode), or None. `threads`: how many decode one batch at once.
+    """
+
+    def __init__(self, source, transform, rows, draft=None, threads=1):
+        self.source, self.transform, self.rows, self.draft, self.threads = source, transform, rows, draft, threads
+        self._blank = None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        row = int(self.rows[k])
+        try:
+            image, digest = self.source.load(row, draft=self.draft)
+        except ImageDecodeError as e:
+            return row, self.blank(), "", str(e) or "cannot decode"
+        return row, self.transform(image), digest, ""
+
+    def blank(self):
+        """Zeros shaped like the transform's output: what an undecodable image runs as."""
+        if self._blank is None:
+            self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
+        return self._blank
+
+    def __getitems__(self, ks):
+        """One batch (the DataLoader asks for batches this way); PIL and torch release the GIL."""
+        if self.threads <= 1:
+            return [self[k] for k in ks]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(self.__getitem__, ks))
+
+
+def to_batch(items):
+    """[(row, image, sha256, failure)] -> one Batch (the DataLoader's collate_fn)."""
+    rows, images, digests, failures = zip(*items)
+    return Batch(np.array(rows, dtype=np.int64), torch.stack(images), list(digests), list(failures))
+
+
+def image_batches(source, transform, rows, device, batch_size, num_workers, draft=None):
+    """A DataLoader of Batch records for `rows` of `source`, in order: decoded in `num_workers`
+    processes while the model runs, or with none by one thread per core when the next batch is
+    asked for; in pinned memory on a GPU so the copy overlaps compute."""
+    threads = 1 if num_workers else os.cpu_count() or 1
+    return DataLoader(SourceRows(source, transform, rows, draft, threads), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=to_batch, pin_memory=device.type == "cuda",
+                      prefetch_factor=PREFETCH_BATCHES if num_workers else None)
+
+
+def prepare_model(model, device):
+    """The extractor as the loop runs it: BatchNorm folded into convolutions, on `device`,
+    channels_last (on CPU, freed memory kept for reuse)."""
+    if device.type == "cpu":
+        keep_freed_memory()
+    if isinstance(model, Extractor):
+        model.fold_batchnorm()
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size, num_workers, draft=None):
+    """Yield (Batch, {layer name: codes [B, D] float32 numpy}) for `rows` of `source`, in order.
+
+    Decoding starts at the call (worker processes begin before the model is prepared);
+    the codes of a row whose failure is not "" are meaningless and must be dropped."""
+    batches = iter(image_batches(source, backbone.transform, rows, device, batch_size, num_workers, draft))
+    model = prepare_model(backbone.extractor(layers), device)
+    return forward(model, batches, device, precision)
+
+
+def forward(model, batches, device, precision):
+    """Yield (batch, codes) for each Batch of `batches`; its pixels are released once on the device."""
+    pending = None
+    for batch in batches:
+        with torch.inference_mode(), autocast_for(device, precision):
+            images = batch.images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, H, W]
+            codes = _copy_to_host(model(images))
+        batch.images = None
+        if pending is not None:
+            yield _wait(*pending)
+        pending = batch, codes
+    if pending is not None:
+        yield _wait(*pending)
+
+
+def _copy_to_host(outputs):
+    """Start moving {name: [B, D]} to host float32 -> (host tensors, event to wait on, or None on CPU)."""
+    host = {name: v.float().to("cpu", non_blocking=True) for name, v in outputs.items()}  # pinned from a GPU
+    device = next(iter(outputs.values())).device
+    if device.type != "cuda":
+        return host, None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))  # the stream the copies were queued on
+    return host, event
+
+
+def _wait(batch, codes):
+    host, event = codes
+    if event is not None:
+        event.synchronize()
+    return batch, {name: v.numpy() for name, v in host.items()}

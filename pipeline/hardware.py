@@ -1,0 +1,104 @@
+"""Device and precision policy for stage one: what runs where, and how fast.
+
+    device = resolve_device("auto")               # cuda when torch sees a GPU, else cpu
+    precision = resolve_precision("auto", device) # bf16 only where the hardware runs it natively
+    with autocast_for(device, precision): ...
+
+Defaults here are measured choices (batch size, decode workers, glibc's allocator);
+the README's bench section has the figures.
+"""
+import ctypes
+import functools
+import os
+import platform
+
+import torch
+
+from .errors import PipelineError
+from .plan import PRECISIONS
+
+__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "default_batch_size", "default_workers",
+           "describe_device", "autocast_for", "keep_freed_memory"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise PipelineError(f"unknown DEVICE {device!r} ({e}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"DEVICE={device} asked for but torch sees no CUDA GPU; use DEVICE=cpu or auto")
+    return device
+
+
+def resolve_precision(precision, device):
+    """auto: bf16 where the hardware runs it natively (AVX512-BF16 or AMX CPUs, Ampere+ GPUs), fp16 on
+    older GPUs, else fp32.
+
+    mkldnn's own bf16 check also passes on AVX-512 CPUs without bf16 instructions (Ice Lake,
+    Cascade Lake), where oneDNN emulates bf16 and runs slower than fp32 (see benchmarks/stage_one.py).
+    """
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_cpu_bf16() else "fp32"
+
+
+def native_cpu_bf16():
+    """Whether this CPU has bf16 instructions (not oneDNN's emulation on plain AVX-512)."""
+    has = lambda check: getattr(torch.cpu, check, lambda: False)()  # torch.cpu private checks
+    return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")))
+
+
+def default_batch_size(device):
+    """256 fills a GPU; on CPU 16, 32 and 64 run alike (README, bench), and 32 keeps activations moderate."""
+    return 256 if device.type == "cuda" else 32
+
+
+def default_workers(device):
+    """Decoding processes: on a GPU cores (at most 8), decoding while it computes; on CPU none.
+
+    On CPU the forward pass's threads already fill every core, and a decoder beside them stalls
+    the whole pass (a preempted thread holds the others up at each barrier), so batches are
+    decoded between forward passes by one thread per core (codes.image_batches); the README's
+    bench section has the measurements.
+    """
+    if device.type == "cpu":
+        return 0
+    return min(8, os.cpu_count() or 1)
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def autocast_for(device, precision):
+    """The autocast context running a model at `precision` (disabled for fp32)."""
+    return torch.autocast(device.type, dtype=_DTYPES.get(precision, torch.float32), enabled=precision in _DTYPES)
+
+
+@functools.cache
+def keep_freed_memory():
+    """Have glibc keep large freed blocks for reuse rather than hand them back to the OS.
+
+    Blocks above glibc's mmap threshold (at most 32 MiB unless set) are mapped afresh at every
+    allocation and unmapped at every free, so each forward pass page-faults its activations in
+    again (README, bench). Peak memory is unchanged, but the process keeps its peak until it
+    exits. A no-op where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):
+        return False

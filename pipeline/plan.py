@@ -1,0 +1,144 @@
+"""The cache key and the plan of one extract call: pure decisions, no torch.
+
+    key = cache_key(table, backbone, precision)      # everything that changes the cached values
+    plan = plan_extraction(path, table, layers, key, backbone.resolve, update=False)
+    plan.todo                                         # None: the cache is there; else the rows to compute
+
+The same request finds its cache and does nothing; another model setting rebuilds
+it; more layers re-extract once with all of them; a changed data set stops with
+what changed (`DataChange`), unless `update` computes only new and changed images
+and copies the rest (old images keep their split), or `rebuild` starts over.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StaleCacheError
+from .images import DRAFT_FACTOR
+from .store import FeatureCache, Reuse, read_cache_settings, read_partial_settings, remove_partial
+
+__all__ = ["PRECISIONS", "DATA_KEYS", "Plan", "DataChange", "plan_extraction", "cache_key", "decode_setting",
+           "draft_size"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class Plan:
+    """What one extract call does: which rows it computes (None: nothing, the cache is there)."""
+    layers: list
+    settings: dict       # the cache key, with "layers"
+    todo: np.ndarray     # table rows to compute, in order
+    reuse: Reuse         # rows copied from the cache being updated
+    split: np.ndarray    # the split to record per row
+    note: str = ""
+
+
+DATA_KEYS = ("dataset_fingerprint", "split_source", "duplicates")  # what --update can bring up to date
+
+
+def plan_extraction(path, table, layers, settings, resolve, update=False, rebuild=False):
+    """Compare the request (`layers`, the cache key `settings`) with the cache at `path` -> Plan: a hit,
+    a fresh run, or an update. `resolve(specs)` gives layers, for when the cache's layers are added."""
+    def fresh(layers, note=""):
+        return Plan(layers, {**settings, "layers": [layer.name for layer in layers]},
+                    np.arange(len(table)), Reuse(), np.asarray(table.split), note)
+
+    existing = None if rebuild or not path.exists() else read_cache_settings(path)
+    if existing is None:
+        return fresh(layers, f"rebuilding {path}; " if rebuild and path.exists() else "")
+    changed = _differences(existing, settings)
+    have = list(existing.get("layers", []))
+    more = [layer.name for layer in layers if layer.name not in have]
+    if not changed and not more:
+        if read_partial_settings(path) == existing:
+            remove_partial(path)  # left by a run killed between its last rename and its clean-up
+        return Plan(layers, existing, None, Reuse(), None, f"{path}: cache found with these settings; nothing to do")
+    union = resolve(have + more)
+    if not changed:
+        return fresh(union, f"adding layers to {path} (it had {', '.join(have)}); ")
+    if not set(changed) <= set(DATA_KEYS):
+        return fresh(layers, f"{path} was made with other {', '.join(changed)}; rebuilding it (the old file stays until done); ")
+    with FeatureCache(path) as old:
+        change = DataChange.between(old, table)
+        if not update:
+            raise StaleCacheError(
+                f"{path}: the data set changed since this cache was made ({change}); run again with --update "
+                "(make extract UPDATE=1) to extract only new and changed images and keep the rest, "
+                "or --rebuild (REBUILD=1) to start over")
+        if more:
+            return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")
+        split = np.asarray(table.split).copy()
+        split[change.kept_rows] = old.split[change.kept_from]  # old images keep their split: no leak into test
+        return Plan(union, {**settings, "layers": have}, np.setdiff1d(np.arange(len(table)), change.kept_rows),
+                    Reuse.from_cache(old, change.kept_rows, change.kept_from), split, f"updating {path}: {change}; ")
+
+
+@dataclass
+class DataChange:
+    """How a data set differs from the one a cache was made from, row by row (ids and stamps)."""
+    new: list
+    removed: list
+    changed: list
+    relabelled: list
+    retried: list           # skipped last time (unreadable ...), tried again
+    kept_rows: np.ndarray   # table rows whose codes stay valid ...
+    kept_from: np.ndarray   # ... and their rows in the cache
+
+    @classmethod
+    def between(cls, cache, table):
+        index = {id_: k for k, id_ in enumerate(cache.ids)}
+        stamps, skipped = cache.stamps, {id_ for id_, _ in cache.skipped}
+        new, changed, relabelled, retried, kept_rows, kept_from = [], [], [], [], [], []
+        for row, id_ in enumerate(table.ids):
+            k = index.get(id_)
+            if k is None:
+                (retried if id_ in skipped else new).append(id_)
+            elif stamps[k] != table.stamps[row]:
+                changed.append(id_)
+            else:
+                kept_rows.append(row)
+                kept_from.append(k)
+                if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]:
+                    relabelled.append(id_)
+        listed = set(table.ids)
+        removed = [id_ for id_ in cache.ids if id_ not in listed]
+        return cls(new, removed, changed, relabelled, retried, np.array(kept_rows, dtype=np.int64),
+                   np.array(kept_from, dtype=np.int64))
+
+    def __str__(self):
+        parts = [f"{len(ids)} {what} (first: {ids[0]})" for what, ids in
+                 (("new", self.new), ("removed", self.removed), ("changed", self.changed),
+                  ("relabelled", self.relabelled), ("skipped before, to retry", self.retried)) if ids]
+        return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
+
+
+def cache_key(table, backbone, precision, jpeg_draft=True):
+    """Everything that changes the cached values (layers are added by the plan)."""
+    return {"dataset": table.name, "layout": table.layout, "dataset_fingerprint": table.fingerprint,
+            "split_source": table.split_source, "model": backbone.name, "weights": backbone.weights,
+            "weights_sha256": backbone.weights_sha256, "transform": _describe(backbone.transform),
+            "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft),
+            "duplicates": "dropped" if table.drop_duplicates else "kept"}
+
+
+def decode_setting(transform, jpeg_draft):
+    """How images are decoded, as recorded in the cache key; draft decoding changes pixels slightly."""
+    return f"jpeg-draft-{DRAFT_FACTOR}x" if jpeg_draft and draft_size(transform) else "full"
+
+
+def draft_size(transform):
+    """The shorter side the transform resizes to (torchvision's ImageClassification), or None."""
+    size = getattr(transform, "resize_size", None)
+    return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
+
+
+_UNRECORDED = {"decode": "full", "duplicates": "kept"}  # caches made before a key was recorded: what they did
+
+
+def _differences(old, new):
+    return [key for key in new if key != "layers" and old.get(key, _UNRECORDED.get(key)) != new[key]]
+
+
+def _describe(transform):
+    return " ".join(repr(transform).split())

@@ -1,0 +1,201 @@
+"""The feature cache file, `FEATURES_DIR/<dataset>/<model>-<weights tag>.h5`:
+
+    /layers/<name>    float32 [N, D]  chunked, one per tapped layer (attrs: tap, node, pooling, depth, raw_shape)
+    /labels           int64   [N]     index into the class_names attribute
+    /ids              utf-8   [N]     file path relative to the data set, or row number
+    /split            utf-8   [N]     "train" | "val" | "test"
+    /sha256           utf-8   [N]     content hash of each image (the leakage check)
+    /stamp            utf-8   [N]     size:mtime of each file, or a hash of its pixels (what --update compares)
+    /skipped/ids      utf-8   [S]     images left out: unreadable, missing, unlabelled, duplicates ...
+    /skipped/reasons  utf-8   [S]     ... and why, one short line each
+    attributes        format, complete, n_rows, n_skipped, settings (JSON: the cache key),
+                      class_names (JSON), model, weights, weights_sha256, transform, pooling (JSON),
+                      dataset_fingerprint, versions (JSON), device, precision, images_per_s, ...
+
+A file is written whole under a temporary name and renamed (see partial.py), and
+carries `complete`: a file under the final name is always finished. Structured
+attributes are JSON text, parsed as data only.
+"""
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError, IncompleteCacheError
+
+CACHE_FORMAT = "pipeline-features/2"
+TEXT = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 512 * 1024  # h5py advises chunks of 10 KiB - 1 MiB
+_COPY_ROWS = 8192  # rows per block when copying reused rows
+
+
+def to_attr(value):
+    """Plain strings and numbers as they are, anything structured as JSON text."""
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
+        return value
+    return json.dumps(value)
+
+
+def from_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(node):
+    return {key: from_attr(value) for key, value in node.attrs.items()}
+
+
+def open_h5(path, remedy="delete it and run `make extract` again"):
+    """`path` open for reading; an unreadable file -> CacheError with `remedy`."""
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError:
+        raise CacheError(f"{path}: in use by another process (a running `make extract`?); "
+                         "wait for it to finish, then try again") from None
+    except OSError as e:
+        raise CacheError(f"{path}: not a readable HDF5 file ({e}); {remedy}") from None
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def write_cache_file(path, columns, skipped, layer_dims, class_names, attrs, fill):
+    """Write a complete cache file at `path`: the per-row `columns` (labels, ids, split, stamp,
+    sha256), the `skipped` (ids, reasons), one empty dataset per layer of `layer_dims`
+    ({name: [D, layer attrs]}) that `fill(layers)` writes the codes into, then the attributes."""
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("labels", data=np.asarray(columns["labels"], dtype=np.int64))
+        for key in ("ids", "split", "stamp", "sha256"):
+            h5.create_dataset(key, data=np.asarray(columns[key], dtype=object), dtype=TEXT)
+        group = h5.create_group("skipped")
+        for key, values in zip(("ids", "reasons"), skipped):
+            group.create_dataset(key, data=np.asarray(values, dtype=object), dtype=TEXT)
+        layers = h5.create_group("layers")
+        n = len(columns["labels"])
+        for name, (dim, layer_attrs) in layer_dims.items():
+            chunk = max(1, min(4096, n, _CHUNK_BYTES // (4 * dim)))  # rows; no larger than the data
+            ds = layers.create_dataset(name, shape=(n, dim), dtype="float32", chunks=(chunk, dim) if n else None)
+            ds.attrs.update({key: to_attr(value) for key, value in layer_attrs.items()})
+        fill(layers)
+        h5.attrs.update({key: to_attr(value) for key, value in attrs.items()})
+        h5.attrs.update(format=CACHE_FORMAT, class_names=json.dumps(list(class_names)), n_rows=n,
+                        n_skipped=len(skipped[0]), complete=True)
+
+
+def write_rows(ds, where, values):
+    """ds[where] = values for increasing `where`: one slice when they are contiguous."""
+    if len(where) == 0:
+        return
+    if where[-1] - where[0] == len(where) - 1:
+        ds[where[0]:where[-1] + 1] = values
+    else:
+        ds[where] = values
+
+
+def copy_rows(old, layers, to_rows, from_rows):
+    """Copy every layer's codes of `old`'s rows `from_rows` to rows `to_rows` (increasing), block by block."""
+    for lo in range(0, len(to_rows), _COPY_ROWS):
+        to, source = to_rows[lo:lo + _COPY_ROWS], from_rows[lo:lo + _COPY_ROWS]
+        order = np.argsort(source)  # h5py reads increasing indices
+        for name, ds in layers.items():
+            values = np.empty((len(source), ds.shape[1]), dtype=np.float32)
+            values[order] = old.h5["layers"][name][source[order]]
+            write_rows(ds, to, values)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class FeatureCache:
+    """A finished feature cache, open for reading. Use as a context manager."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            _explain_missing(self.path)
+        if self.path.is_dir():
+            raise CacheError(f"{self.path}: is a folder, not a cache file; delete it and run `make extract` again")
+        self.h5 = open_h5(self.path)
+        if self.h5.attrs.get("format") != CACHE_FORMAT or not self.h5.attrs.get("complete", False):
+            found = from_attr(self.h5.attrs.get("format", "no format"))
+            self.h5.close()
+            raise CacheError(f"{self.path}: not a complete {CACHE_FORMAT} cache ({found}); "
+                             "delete it and run `make extract` again")
+        self.attrs = read_attrs(self.h5)
+        self.class_names = self.attrs["class_names"]
+        self.labels = self.h5["labels"][:]
+        self.ids = self.h5["ids"].asstr()[:]
+        self.split = self.h5["split"].asstr()[:]
+        self.layers = list(self.h5["layers"].keys())
+
+    @property
+    def sha256(self):
+        """Content hash per row (hex)."""
+        return self.h5["sha256"].asstr()[:]
+
+    @property
+    def stamps(self):
+        return self.h5["stamp"].asstr()[:]
+
+    @property
+    def skipped(self):
+        """[(id, reason)] of the images this cache leaves out."""
+        group = self.h5["skipped"]
+        return list(zip(group["ids"].asstr()[:], group["reasons"].asstr()[:]))
+
+    def layer_attrs(self, layer):
+        return read_attrs(self.h5["layers"][layer])
+
+    def features(self, layer, split=None):
+        """The codes of one layer [N, D] (of one split when given) and their labels."""
+        if layer not in self.h5["layers"]:
+            raise CacheError(f"{self.path}: no layer {layer!r}; it has {', '.join(self.layers)}")
+        if split is None:
+            return self.h5["layers"][layer][:], self.labels
+        mask = self.split == split
+        return self.h5["layers"][layer][np.flatnonzero(mask)], self.labels[mask]
+
+    def close(self):
+        self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _explain_missing(path):
+    """No file at `path`: say how far an interrupted extraction got, or that there is none."""
+    from .partial import partial_path, partial_progress  # partial.py builds on this module
+
+    if partial_path(path).exists():
+        done, total = partial_progress(path)
+        if done is None:
+            raise IncompleteCacheError(f"{path}: not finished ({partial_path(path)} was cut off before its first "
+                                       "batch); re-run the same `make extract` command")
+        raise IncompleteCacheError(f"{path}: extraction stopped after {done} of {total} images; "
+                                   "re-run the same `make extract` command to resume it")
+    raise CacheError(f"{path}: no such feature cache; run `make extract` first")
+
+
+def read_cache_settings(path):
+    """The settings a finished cache was made with, or None if it is unreadable or of another format."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != CACHE_FORMAT:
+                return None
+            return from_attr(h5.attrs["settings"])
+    except (OSError, KeyError):
+        return None

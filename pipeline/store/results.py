@@ -1,0 +1,123 @@
+"""Stage two's JSON files: one result per trained head, one record per layer sweep.
+
+    FEATURES_DIR/<dataset>/heads/<cache stem>.<layer>.<head>.json   a HeadResult
+    FEATURES_DIR/<dataset>/<cache stem>.sweep-<head>.json           a SweepRecord
+
+`HeadResult` is the one schema: `train.train_head` writes it, `report` reads it.
+Keys of its required part must be there with their types for a file to be reported.
+"""
+import json
+import math
+from pathlib import Path
+from typing import TypedDict, get_type_hints
+
+HEADS = {"svm": "scikit-learn LinearSVC (hinge loss, one-vs-rest)",
+         "softmax": "scikit-learn LogisticRegression (multinomial, lbfgs)",
+         "linear": "torch nn.Linear, cross-entropy, Adam minibatches (GPU when present)"}
+
+
+class _Provenance(TypedDict, total=False):
+    """Where a result came from and what else it says; files from older versions may lack these."""
+    layout: str
+    dataset_root: str      # the data set's folder (or sklearn:digits), for thumbnails
+    weights_sha256: str
+    depth: int             # the layer's position in the forward graph
+    pooling: str
+    precision: str
+    grid: list             # [{"C", "val_accuracy"}] of every C tried
+    select_seconds: float
+    fit_seconds: float
+    misclassified: list    # [{"id", "true", "predicted"}] of test images, at most 200
+    data_checks: dict      # checks.data_checks of the cache
+    cache: str
+    head_file: str
+    extract_images_per_s: float
+    created: str
+
+
+class HeadResult(_Provenance):
+    """One trained head: what it was trained on, the C chosen on val, and its one test score."""
+    dataset: str
+    model: str
+    weights: str           # "IMAGENET1K_V1", "random" or "file"
+    layer: str
+    head: str              # a key of HEADS
+    dim: int
+    n_train: int
+    n_val: int
+    n_test: int
+    C: float
+    val_accuracy: float
+    test_accuracy: float
+    test_balanced_accuracy: float
+    test_macro_f1: float
+    confusion_matrix: list  # [K][K] counts, rows: true class
+    class_names: list
+    per_class: list         # [{"class", "precision", "recall", "f1", "support"}]
+
+
+class SweepRecord(TypedDict):
+    """A layer sweep's choice for one cache and head, made on val accuracy only."""
+    cache: str
+    head: str
+    pooling: str
+    chosen: str
+    criterion: str
+    layers: list            # [{"layer", "dim", "C", "val_accuracy", "test_accuracy"}]
+
+
+_REQUIRED = {key: kind for key, kind in get_type_hints(HeadResult).items() if key in HeadResult.__required_keys__}
+
+
+def result_problem(result):
+    """Why a parsed result cannot be reported, or None."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    missing = [key for key in _REQUIRED if key not in result]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, kind in _REQUIRED.items():
+        value = result[key]
+        number = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, number) or (kind is float and not math.isfinite(value)):
+            return f"{key} is not a {kind.__name__}"
+    k = len(result["class_names"])
+    if len(result["confusion_matrix"]) != k or not all(isinstance(r, list) and len(r) == k
+                                                       for r in result["confusion_matrix"]):
+        return f"confusion_matrix is not {k}x{k}"
+    if not all(isinstance(c, dict) and {"class", "precision", "recall", "f1", "support"} <= c.keys()
+               for c in result["per_class"]):
+        return "per_class entries lack class/precision/recall/f1/support"
+    return None
+
+
+def read_result(path):
+    """A result file -> HeadResult; ValueError saying why it cannot be used."""
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError covers bad JSON and bad UTF-8
+        raise ValueError(f"not readable JSON ({e})") from None
+    problem = result_problem(result)
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
+def write_json(path, record):
+    """Write a HeadResult or SweepRecord under a temporary name, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_sweep_record(path):
+    """A sweep record -> SweepRecord; ValueError if it is unreadable or lacks its choice."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"not readable JSON ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
+        raise ValueError("lacks the chosen layer")
+    return record

@@ -1,0 +1,144 @@
+"""codes.py: images of a source -> Batch records -> codes, one generator; and what JPEG draft
+decoding changes (codes stay close to full decoding; it is in the cache key; predict decodes as
+the cache did). No timing is asserted here; benchmarks/stage_one.py measures."""
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.stage_one import cosine
+from conftest import assert_same_codes, write_image, write_jpeg
+from pipeline.backbones import load_backbone
+from pipeline.codes import forward, iter_codes
+from pipeline.datasets import load_dataset
+from pipeline.extract import extract_features
+from pipeline.heads import LinearHead
+from pipeline.predict import codes_of_files
+from pipeline.sources import Batch, ImageFiles
+from pipeline.store import FeatureCache
+from pipeline.train import train_head
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """An ImageFolder of 1024x768 JPEGs with its own splits: 2 per class in each."""
+    root = tmp_path / "data" / "photos"
+    for s, split in enumerate(("train", "val", "test")):
+        for k, name in enumerate(("a", "b")):
+            for i in range(2):
+                write_jpeg(root / split / name / f"{i}.jpg", (1024, 768), seed=100 * s + 10 * k + i)
+    return root
+
+
+def run(root, backbone, **options):
+    options = {"precision": "fp32", "batch_size": 4, "num_workers": 0, "progress": False, **options}
+    return extract_features(load_dataset(root.name, root.parent), backbone, ["penultimate"],
+                            root.parent.parent / "features", **options)
+
+
+def codes(result):
+    with FeatureCache(result.path) as cache:
+        return cache.features(cache.attrs["penultimate"])[0]
+
+
+@pytest.fixture(scope="module")
+def random_mobilenet():
+    return load_backbone("mobilenet_v2", "none")
+
+
+# ---------------------------------------------------------------------------
+# Draft decoding: codes, the cache key, predict
+
+
+def assert_close_codes(full, draft):
+    """cosine > 0.99, and draft moves codes far less than going to another image does (random
+    weights put any two images above 0.99)."""
+    similarity = cosine(full, draft)
+    other = cosine(full, np.roll(full, 1, axis=0))  # each image against the next one
+    assert similarity.min() > 0.99
+    assert (1 - similarity).max() < 0.1 * (1 - other).min()
+
+
+def test_draft_codes_stay_close_to_full_decoding(photos, random_mobilenet):
+    full = codes(run(photos, random_mobilenet, jpeg_draft=False))
+    draft = codes(run(photos, random_mobilenet, jpeg_draft=True))
+    assert_close_codes(full, draft)
+
+
+def test_draft_is_part_of_the_cache_key(photos, random_mobilenet):
+    draft = run(photos, random_mobilenet, jpeg_draft=True)
+    with h5py.File(draft.path, "r") as h5:
+        assert h5.attrs["decode"] == "jpeg-draft-2x"
+    full = run(photos, random_mobilenet, jpeg_draft=False)
+    assert full.status == "extracted" and "decode" in full.message  # the draft cache is not reused
+    assert run(photos, random_mobilenet, jpeg_draft=False).status == "hit"
+    again = run(photos, random_mobilenet, jpeg_draft=True)
+    assert again.status == "extracted" and "decode" in again.message  # nor the full one for draft
+
+
+def test_caches_from_before_the_decode_key_count_as_full_decoding(photos, random_mobilenet):
+    import json
+    result = run(photos, random_mobilenet, jpeg_draft=False)
+    with h5py.File(result.path, "r+") as h5:  # as written before `decode` was recorded
+        settings = json.loads(h5.attrs["settings"])
+        del settings["decode"]
+        h5.attrs["settings"] = json.dumps(settings)
+    assert run(photos, random_mobilenet, jpeg_draft=False).status == "hit"
+    assert run(photos, random_mobilenet, jpeg_draft=True).status == "extracted"
+
+
+def test_predict_decodes_as_the_cache_did(photos, random_mobilenet):
+    """A head trained on a fully decoded cache gets fully decoded codes for new files, and a draft
+    cache's head draft-decoded ones: the codes of each cache, not merely close to them."""
+    for draft in (False, True):
+        result = run(photos, random_mobilenet, jpeg_draft=draft)
+        head = LinearHead(train_head(result.path, "penultimate", "softmax")["head_file"])
+        with FeatureCache(result.path) as cache:
+            ids, cached = cache.ids, cache.features("avgpool")[0]
+        X, _ = codes_of_files(head, ImageFiles([photos / i for i in ids]), device="cpu")
+        assert_same_codes(X, cached)
+
+
+# ---------------------------------------------------------------------------
+# The forward loop
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, images):
+        return {"mean": images.mean(dim=(2, 3))}  # [B, 3]
+
+
+def batches_of(*sizes, value=None):
+    """Batch records of `sizes` rows each, numbered on; pixels all k (or `value`) in the k-th batch."""
+    first = np.cumsum((0,) + sizes)
+    return [Batch(np.arange(first[k], first[k] + n), torch.full((n, 3, 4, 4), float(k if value is None else value)),
+                  [""] * n, [""] * n) for k, n in enumerate(sizes)]
+
+
+def test_forward_yields_every_batch_in_order_with_its_codes():
+    out = list(forward(MeanColour(), batches_of(3, 5, 2), torch.device("cpu"), "fp32"))
+    assert [list(batch.rows) for batch, _ in out] == [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9]]
+    assert [len(codes["mean"]) for _, codes in out] == [3, 5, 2]
+    assert [float(codes["mean"][0, 0]) for _, codes in out] == [0.0, 1.0, 2.0]
+    assert all(codes["mean"].dtype == np.float32 and batch.images is None for batch, codes in out)
+    assert list(forward(MeanColour(), [], torch.device("cpu"), "fp32")) == []
+
+
+def test_forward_leaves_no_autocast_or_inference_mode_behind():
+    for _ in forward(MeanColour(), batches_of(2, 2, value=1), torch.device("cpu"), "bf16"):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
+
+
+def test_iter_codes_carries_each_row_with_its_hash_and_failure(tmp_path, random_mobilenet):
+    files = [write_image(tmp_path / f"{i}.png", size=(20 + i, 20)) for i in range(5)]
+    (tmp_path / "2.png").write_bytes(b"")
+    [layer] = random_mobilenet.resolve(["penultimate"])
+    pairs = list(iter_codes(ImageFiles(files), random_mobilenet, [layer], np.array([4, 0, 2, 3]),
+                            device=torch.device("cpu"), precision="fp32", batch_size=3, num_workers=0))
+    assert [list(batch.rows) for batch, _ in pairs] == [[4, 0, 2], [3]]
+    batch = pairs[0][0]
+    assert batch.failures == ["", "", "empty file (0 bytes)"] and batch.sha256[2] == ""
+    assert batch.sha256[0] == hashlib.sha256(files[4].read_bytes()).hexdigest()
+    assert pairs[0][1]["avgpool"].shape == (3, 1280)

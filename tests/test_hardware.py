@@ -1,0 +1,33 @@
+"""hardware.py: device and precision policy."""
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.hardware import default_batch_size, default_workers, resolve_device, resolve_precision
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    if native and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no mkldnn bf16 on this CPU at all")
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_precision_asked_for_is_kept_and_unknown_is_refused():
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    with pytest.raises(PipelineError, match="unknown precision 'fp8'; use one of auto, fp32, bf16, fp16"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_devices_and_their_defaults(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = resolve_device("auto")
+    assert cpu.type == "cpu" and default_workers(cpu) == 0 and default_batch_size(cpu) == 32
+    with pytest.raises(PipelineError, match="DEVICE=cuda asked for but torch sees no CUDA GPU; use DEVICE=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(PipelineError, match="unknown DEVICE 'gpu0'"):
+        resolve_device("gpu0")
+    gpu = torch.device("cuda")
+    assert default_batch_size(gpu) == 256 and 1 <= default_workers(gpu) <= 8

@@ -1,0 +1,97 @@
+"""train.py: one head on one cached layer: C chosen on val only, test scored once, head and result saved."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import CacheError, PipelineError
+from pipeline.heads import LinearHead
+from pipeline.sources import Batch
+from pipeline.store import HEADS, PartialCache, read_result
+from pipeline.train import train_head
+from test_heads import blobs
+
+FIVE = ["train", "train", "train", "val", "test"]
+
+
+def make_cache(path, X, y, split, class_names):
+    """A finished cache of one layer, fc7, holding X."""
+    writer = PartialCache.create(path, ids=[f"img{i}.png" for i in range(len(y))], labels=y, split=split,
+                                 class_names=class_names, layer_dims={"fc7": (X.shape[1], {"pooling": "none"})},
+                                 attrs={"dataset": "toy", "model": "vgg16", "weights": "random",
+                                        "settings": {"layers": ["fc7"]}, "penultimate": "fc7", "precision": "fp32"})
+    writer.append(Batch(np.arange(len(y)), None, [""] * len(y), [""] * len(y)), {"fc7": X})
+    writer.finish({})
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path):
+    X, y = blobs()
+    return make_cache(tmp_path / "toy" / "vgg16-random.h5", X, y, np.array(FIVE * (len(y) // 5)), ["cat", "dog", "emu"])
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_train_head_round_trip(cache, head):
+    result = train_head(cache, "penultimate", head)
+    assert result["layer"] == "fc7" and result["head"] == head and result["dim"] == 20
+    assert (result["n_train"], result["n_val"], result["n_test"]) == (108, 36, 36)
+    assert result["test_accuracy"] > 0.9 and result["val_accuracy"] == max(g["val_accuracy"] for g in result["grid"])
+    assert np.array(result["confusion_matrix"]).sum() == 36
+    assert read_result(cache.parent / "heads" / f"vgg16-random.fc7.{head}.json") == json.loads(json.dumps(result))
+    loaded = LinearHead(result["head_file"])
+    X, y = blobs()
+    test = slice(4, None, 5)  # the test rows
+    assert (loaded.predict(X[test]) == np.array(["cat", "dog", "emu"])[y[test]]).mean() == pytest.approx(
+        result["test_accuracy"])
+    assert loaded.provenance["model"] == "vgg16" and loaded.attrs["C"] == result["C"]
+
+
+def test_binary_heads_round_trip(tmp_path):
+    X, y = blobs(classes=2, spread=0.4, seed=3)
+    split = np.array(FIVE * (len(y) // 5))
+    path = make_cache(tmp_path / "bin" / "vgg16-random.h5", X, y, split, ["no", "yes"])
+    for head in ("svm", "softmax"):
+        result = train_head(path, "fc7", head)
+        predicted = LinearHead(result["head_file"]).predict(X[split == "test"])
+        assert (predicted == np.array(["no", "yes"])[y[split == "test"]]).mean() == pytest.approx(result["test_accuracy"])
+
+
+def test_strength_is_chosen_without_looking_at_test(tmp_path):
+    """Scrambling the test labels changes the test score and nothing else."""
+    X, y = blobs(spread=0.6)
+    split = np.array(FIVE * (len(y) // 5))
+    honest = train_head(make_cache(tmp_path / "a" / "m-random.h5", X, y, split, ["a", "b", "c"]), "fc7", "softmax")
+    y_scrambled = y.copy()
+    y_scrambled[split == "test"] = np.random.default_rng(1).permutation(y[split == "test"])
+    scrambled = train_head(make_cache(tmp_path / "b" / "m-random.h5", X, y_scrambled, split, ["a", "b", "c"]),
+                           "fc7", "softmax")
+    assert scrambled["C"] == honest["C"] and scrambled["grid"] == honest["grid"]
+    assert scrambled["test_accuracy"] < honest["test_accuracy"]
+
+
+def test_selection_fits_on_train_and_the_refit_on_train_and_val(cache, monkeypatch):
+    from pipeline import heads, train
+    real, sizes = heads.fit, {"select": [], "refit": []}
+
+    def recording(kind):
+        return lambda name, C, X, y: sizes[kind].append(len(y)) or real(name, C, X, y)
+    monkeypatch.setattr(heads, "fit", recording("select"))
+    monkeypatch.setattr(train, "fit", recording("refit"))
+    train_head(cache, "fc7", "svm")
+    assert sizes == {"select": [108] * 9, "refit": [108 + 36]}
+
+
+def test_train_head_errors(cache, tmp_path):
+    with pytest.raises(CacheError, match=r"no layer 'conv3'.*fc7.*make extract LAYERS=conv3"):
+        train_head(cache, "conv3", "svm")
+    with pytest.raises(PipelineError, match="unknown head 'tree'"):
+        train_head(cache, "fc7", "tree")
+    X, y = blobs(classes=2)
+    no_val = make_cache(tmp_path / "nv" / "m-random.h5", X, y, np.array(["train", "test"] * 60), ["a", "b"])
+    with pytest.raises(CacheError, match="val split is empty"):
+        train_head(no_val, "fc7", "svm")
+    no_train = make_cache(tmp_path / "nt" / "m-random.h5", X, y, np.array(["train"] * 60 + ["val", "test"] * 30),
+                          ["a", "b"])
+    with pytest.raises(CacheError, match=r"classes \['b'\] have no train images"):
+        train_head(no_train, "fc7", "svm")
