@@ -24,11 +24,11 @@ TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
 CLI := $(PY) -m pipeline
 opt = $(if $(2),$(1) $(2))
 
-.PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench clean
+.PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
 help:
 	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1]"
-	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..]"
+	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=torch|sklearn] [MEMORY_BUDGET=4G]"
 	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
 	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv]"
@@ -36,6 +36,7 @@ help:
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
 	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop"
+	@echo "make bench-heads [SIZES=10000,100000,1000000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy"
 
 venv: $(VENV)/.installed
 
@@ -54,7 +55,8 @@ extract: venv
 
 train-head: venv
 	$(CLI) train-head --head $(HEAD) --dataset $(DATASET) --layer $(LAYER) --features-dir $(FEATURES_DIR) \
-	  $(call opt,--model,$(MODEL)) $(call opt,--weights,$(WEIGHTS))
+	  $(call opt,--model,$(MODEL)) $(call opt,--weights,$(WEIGHTS)) $(call opt,--solver,$(SOLVER)) \
+	  $(call opt,--memory-budget,$(MEMORY_BUDGET))
 
 sweep: venv
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
@@ -84,6 +86,9 @@ test: venv
 
 test-fast: venv
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
+
+bench-heads: venv
+	$(PY) benchmarks/heads.py $(call opt,--sizes,$(SIZES)) $(foreach c,$(CACHES),--cache $(c)) --reports-dir $(REPORTS_DIR)
 
 bench: venv
 	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION)

@@ -17,6 +17,22 @@ from .plan import PRECISIONS
 from .store import HEADS
 
 PATH = click.Path(path_type=Path)
+
+
+class Bytes(click.ParamType):
+    """A size: 1073741824, 512M, 4G (powers of 1024)."""
+    name = "bytes"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().upper().removesuffix("B")
+        power = " KMGT".index(text[-1]) if text[-1:] in ("K", "M", "G", "T") else 0
+        try:
+            return int(float(text.rstrip("KMGT")) * 1024 ** power)
+        except ValueError:
+            self.fail(f"{value!r} is not a size; give bytes, or a number with K, M, G or T (e.g. 4G)", param, ctx)
+
+
+BYTES = Bytes()
 HEAD = click.Choice(sorted(HEADS))
 PRECISION = click.Choice(PRECISIONS)
 
@@ -87,9 +103,17 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 @click.option("--model", default=None, help="Default: the only (or newest) cache of the data set.")
 @click.option("--weights", default=None, help="default, none or a .pth path, as given to extract.")
 @click.option("--layer", default="penultimate", show_default=True, help="A cached layer, `penultimate`, or `auto` (the sweep's choice).")
+@click.option("--solver", type=click.Choice(["auto", "torch", "sklearn"]), default="auto", show_default=True,
+              help="torch: every C at once, streams big layers; sklearn: scikit-learn's exact fit per C, in memory; "
+                   "auto: sklearn for softmax on small layers, else torch.")
+@click.option("--memory-budget", type=BYTES, default=None,
+              help="Bytes (512M, 4G) a layer may take in memory; above it the head streams (default: a quarter of RAM).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
-def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
+def train_head(head, dataset, model, weights, layer, solver, memory_budget, quiet, data_dir, features_dir):
     """Stage two: choose C on val, refit on train+val, score test once, save the head."""
+    from tqdm import tqdm
+
     from .checks import note
     from .paths import find_cache
     from .train import train_head as train
@@ -103,11 +127,12 @@ def train_head(head, dataset, model, weights, layer, data_dir, features_dir):
     if layer == "auto":
         from .sweep import chosen_layer
         layer = chosen_layer(cache, head)
-    result = train(cache, layer, head)
+    with tqdm(unit="row", unit_scale=True, disable=quiet, dynamic_ncols=True, leave=False) as bar:
+        result = train(cache, layer, head, solver=solver, memory_budget=memory_budget, progress=None if quiet else bar)
     click.echo(f"{result['head']} on {result['layer']} ({result['dim']}-D, C={result['C']:.3g}): "
                f"val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f} "
                f"(balanced {result['test_balanced_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f}) "
-               f"-> {result['head_file']}")
+               f"in {result['seconds']:.1f} s -> {result['head_file']}\n  solver: {result['solver']}")
     if note(result["data_checks"]):
         click.echo(note(result["data_checks"]))
 

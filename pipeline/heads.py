@@ -1,20 +1,19 @@
 """Stage two's estimators: linear heads on cached codes, and the saved head as an estimator.
 
-    HEADS (store.results): svm = LinearSVC, softmax = multinomial LogisticRegression,
-                           linear = TorchLinearClassifier (nn.Linear, minibatches, GPU when present)
+    HEADS (store.results): svm, softmax, linear; trained by probe.py (torch, every C at once)
+    or, with solver="sklearn", by scikit-learn's exact estimators here:
     C, grid = select_strength("softmax", X_train, y_train, X_val, y_val)
-    model = fit("softmax", C, X, y)            # StandardScaler + the head, a scikit-learn pipeline
-    head = LinearHead("features/.../x.softmax.h5").predict(X)
+    model = fit("softmax", C, X, y)            # StandardScaler + LogisticRegression, a pipeline
+    head = LinearHead("features/.../x.softmax.h5").predict(X)   # a saved head, any solver
 
 C, the inverse regularisation strength, means the same for every head (the torch head
 uses LogisticRegression's objective). It is chosen on a coarse log grid, then refined
 around the best, each fit on train and scored on val; ties go to the smaller C.
 """
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -27,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from .errors import PipelineError
 from .hardware import resolve_device
+from .linear import epochs_for, fit_minibatch, shuffled
 from .store import HEADS, read_head
 
 COARSE_GRID = [10.0 ** k for k in range(-4, 3)]  # C = 1e-4 .. 1e2
@@ -35,10 +35,10 @@ SMALL_FIT = 20_000_000  # values in X below which BLAS threads cost more than th
 
 
 class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
-    """Multinomial logistic regression as an nn.Linear trained with Adam in minibatches.
+    """Multinomial logistic regression as an nn.Linear trained with Adam in minibatches (linear.py).
 
     Same objective as LogisticRegression(C): mean cross-entropy + ||W||^2 / (2 C n),
-    so C means the same for every head; scales to caches that do not fit a solver.
+    so C means the same for every head.
     """
 
     def __init__(self, C=1.0, epochs=40, min_steps=400, batch_size=256, lr=1e-2, device="auto", random_state=0):
@@ -49,40 +49,23 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         if self.C <= 0:
             raise ValueError(f"The 'C' parameter must be > 0. Got {self.C} instead.")
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        device = resolve_device(self.device)
-        generator = torch.Generator().manual_seed(self.random_state)
-        X_t = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)  # [N, D]
-        y_t = torch.as_tensor(y_index, device=device)                          # [N]
-        n, d = X_t.shape
-        layer = torch.nn.Linear(d, len(self.classes_)).to(device)
-        torch.nn.init.zeros_(layer.weight)  # convex problem: start where sklearn starts
-        torch.nn.init.zeros_(layer.bias)
-        optimizer = torch.optim.Adam(layer.parameters(), lr=self.lr)
-        batches = -(-n // self.batch_size)
-        epochs = max(self.epochs, -(-self.min_steps // batches))  # small sets still get enough steps
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
-        penalty = 1.0 / (2.0 * self.C * n)
-        with _threads_for(device, self.batch_size * d * len(self.classes_)):
-            for _ in range(epochs):
-                for batch in torch.randperm(n, generator=generator).to(device).split(self.batch_size):
-                    loss = torch.nn.functional.cross_entropy(layer(X_t[batch]), y_t[batch])
-                    loss = loss + penalty * layer.weight.pow(2).sum()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-        self.coef_ = layer.weight.detach().cpu().numpy()         # [K, D]
-        self.intercept_ = layer.bias.detach().cpu().numpy()      # [K]
+        X = np.asarray(X, dtype=np.float32)  # [N, D]
+        epochs = epochs_for(len(X), self.batch_size, self.epochs, self.min_steps)
+        fit = fit_minibatch(shuffled(X, y_index, self.batch_size, self.random_state), len(X), X.shape[1],
+                            len(self.classes_), [self.C], "softmax", epochs, self.lr, resolve_device(self.device))
+        self.coef_, self.intercept_ = fit.pick(self.C)  # [K, D], [K]
         return self
 
     def decision_function(self, X):
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        """[N, K] scores, or [N] for two classes (positive: the second), as scikit-learn's heads."""
+        z = np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        return z[:, 0] if z.shape[1] == 1 else z
 
     def predict(self, X):
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        return self.classes_[every_class(self.decision_function(X)).argmax(axis=1)]
 
     def predict_proba(self, X):
-        return softmax(self.decision_function(X))
+        return softmax(every_class(self.decision_function(X)))
 
 
 def softmax(z):
@@ -91,19 +74,9 @@ def softmax(z):
     return p / p.sum(axis=1, keepdims=True)
 
 
-@contextmanager
-def _threads_for(device, work_per_step):
-    """One CPU thread for small steps: thread start-up costs more than the matmul, and
-    with other processes on the cores (decode workers, a second job) it is many times slower."""
-    if device.type != "cpu" or work_per_step > 5_000_000:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def every_class(z):
+    """Scores [N, K] of every class; a binary head's z [N] as (-z/2, z/2): same argmax and softmax as sigmoid(z)."""
+    return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z
 
 
 def check_head(name):
@@ -117,7 +90,8 @@ def make_head(name, C):
     """A fresh estimator for head `name` at strength C (standardisation is added by `fit`)."""
     check_head(name)
     if name == "svm":
-        return LinearSVC(C=C, max_iter=1000, random_state=0)  # large C rarely converges; more iterations only cost time
+        # dual: coordinate descent, far faster than the primal solver at large C (which "auto" picks when N > D)
+        return LinearSVC(C=C, dual=True, max_iter=1000, random_state=0)
     if name == "softmax":
         return LogisticRegression(C=C, max_iter=2000)
     return TorchLinearClassifier(C=C)
@@ -143,25 +117,34 @@ def select_strength(name, X_train, y_train, X_val, y_val):
     return max(scores, key=lambda c: (scores[c], -c)), scores
 
 
-class LinearHead:
-    """A saved head (store.head_file) as a fitted scikit-learn classifier, applied with numpy:
+class LinearModel:
+    """A linear head on raw codes, applied with numpy, as a fitted scikit-learn classifier:
     decision_function(X) = ((X - mean_) / scale_) @ coef_.T + intercept_; `predict` gives class names."""
 
-    def __init__(self, path):
-        arrays, self.attrs = read_head(path)
-        self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
-        self.mean_, self.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
-        self.classes_ = np.array(self.attrs["class_names"], dtype=object)
-        self.layer = self.attrs["layer"]
-        self.provenance = self.attrs.get("provenance", {})  # the attributes of the cache it was trained on
+    def __init__(self, coef, intercept, mean, scale, class_names, score="probability"):
+        self.coef_, self.intercept_ = np.asarray(coef), np.asarray(intercept)
+        self.mean_, self.scale_ = np.asarray(mean), np.asarray(scale)
+        self.classes_ = np.array(class_names, dtype=object)
+        self.score = score  # "probability", or "margin" for an svm head
+
+    @classmethod
+    def from_pipeline(cls, pipeline, class_names, score):
+        """A fitted make_pipeline(StandardScaler(), estimator) of class indices 0..K-1."""
+        scaler, estimator = pipeline[0], pipeline[-1]
+        return cls(np.atleast_2d(estimator.coef_), np.atleast_1d(estimator.intercept_), scaler.mean_, scaler.scale_,
+                   class_names, score)
 
     def decision_function(self, X):
         """[N, K] scores, or [N] for a binary scikit-learn head (positive: the second class)."""
         z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         return z[:, 0] if z.shape[1] == 1 else z
 
+    def predict_index(self, X):
+        """Per row: the index of the predicted class in classes_."""
+        return self._scores(X).argmax(axis=1)
+
     def predict(self, X):
-        return self.classes_[self._scores(X).argmax(axis=1)]
+        return self.classes_[self.predict_index(X)]
 
     def margin(self, X):
         """Per row: the winner's score minus the runner-up's (how sure an svm head is)."""
@@ -169,7 +152,7 @@ class LinearHead:
         return z[:, -1] - z[:, -2]
 
     def _probabilistic(self):
-        return self.attrs.get("score") != "margin"
+        return self.score != "margin"
 
     @available_if(_probabilistic)
     def predict_proba(self, X):
@@ -177,6 +160,15 @@ class LinearHead:
         return softmax(self._scores(X))
 
     def _scores(self, X):
-        """[N, K] scores for every class; a binary head's z as (-z/2, z/2): same argmax and softmax as sigmoid(z)."""
-        z = self.decision_function(X)
-        return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z
+        return every_class(self.decision_function(X))
+
+
+class LinearHead(LinearModel):
+    """A saved head file (store.head_file) as a fitted classifier, with its layer and provenance."""
+
+    def __init__(self, path):
+        arrays, self.attrs = read_head(path)
+        super().__init__(arrays["coef"], arrays["intercept"], arrays["scaler_mean"], arrays["scaler_scale"],
+                         self.attrs["class_names"], self.attrs.get("score", "probability"))
+        self.layer = self.attrs["layer"]
+        self.provenance = self.attrs.get("provenance", {})  # the attributes of the cache it was trained on

@@ -24,9 +24,9 @@ from .store import read_result, read_sweep_record
 
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
-              "test_macro_f1", "head_file", "result_file")
+              "test_macro_f1", "solver", "select_rows", "streamed", "seconds", "head_file", "result_file")
 COLUMNS = ("dataset", "model", "weights", "layer", "head", "dim", "train", "val", "test", "C",
-           "val acc", "test acc", "balanced acc", "macro-F1", "chosen")
+           "val acc", "test acc", "balanced acc", "macro-F1", "chosen", "seconds", "C chosen on")
 CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
 
 
@@ -106,7 +106,20 @@ def _cells(run):
     return [run["dataset"], run["model"], weights_label(run), run["layer"], run["head"], str(run["dim"]),
             str(run["n_train"]), str(run["n_val"]), str(run["n_test"]), f"{run['C']:.3g}",
             f"{run['val_accuracy']:.4f}", f"{run['test_accuracy']:.4f}", f"{run['test_balanced_accuracy']:.4f}",
-            f"{run['test_macro_f1']:.4f}", "yes" if run.get("chosen") is True else ""]
+            f"{run['test_macro_f1']:.4f}", "yes" if run.get("chosen") is True else "", _number(run.get("seconds"), ".1f"),
+            _selection(run)]
+
+
+def _number(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def _selection(run):
+    """How many train rows C was chosen on: "train", or "10000 of 42041" for a subsample."""
+    rows = run.get("select_rows")
+    if not isinstance(rows, int) or isinstance(rows, bool):
+        return ""
+    return "train" if rows >= run["n_train"] else f"{rows} of {run['n_train']}"
 
 
 def _class_cells(run):
@@ -193,7 +206,8 @@ def write_html(path, runs, sections, warnings=()):
         best = s["best"]
         parts.append(f"<h2>{html.escape(best['dataset'])}</h2><p>Best on val: {html.escape(best['model'])}, "
                      f"{html.escape(weights_label(best))}, {html.escape(best['layer'])}, {html.escape(best['head'])}: "
-                     f"val {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}.</p>")
+                     f"val {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}.</p>"
+                     + (f"<p>Trained by {html.escape(str(best['solver']))}.</p>" if best.get("solver") else ""))
         parts.append(_img(s["confusion"], "confusion matrix"))
         parts.append(_html_table(CLASS_COLUMNS, _class_cells(best)))
         for depth_png in s["depth"]:

@@ -37,8 +37,12 @@ def test_extract_train_report_predict(tmp_path):
     trained = invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2", *common)
     assert trained.exit_code == 0 and "svm on layer2:max" in trained.output
     named = invoke("train-head", "--head", "softmax", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
-                   *common)
+                   "--memory-budget", "1K", *common)
     assert named.exit_code == 0 and "resnet18-random.avgpool.softmax.h5" in named.output
+    assert "minibatch Adam streamed from the cache" in named.output  # 24 x 512 codes are over 1 KiB
+    exact = invoke("train-head", "--head", "softmax", "--dataset", "shapes", "--solver", "sklearn", *common)
+    assert exact.exit_code == 0 and "solver: scikit-learn LogisticRegression" in exact.output
+    assert "is not a size" in invoke("train-head", "--memory-budget", "lots", *common).output
     other = invoke("train-head", "--dataset", "shapes", "--model", "resnet18", "--weights", "default", *common)
     assert "resnet18-IMAGENET1K_V1.h5: no such feature cache" in one_line_error(other)
     missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))

@@ -222,3 +222,13 @@ def test_result_schema_is_what_train_head_writes_and_report_reads():
         assert result_problem({k: v for k, v in result.items() if k != key}) == f"lacks {key}"
     assert result_problem({**result, "C": "0.1"}) == "C is not a float"
     assert result_problem({**result, "confusion_matrix": [[1, 2]]}) == "confusion_matrix is not 2x2"
+
+
+def test_the_table_says_how_long_a_head_took_and_what_C_was_chosen_on():
+    from pipeline.report import COLUMNS, _cells
+    run = {**make_result(*RUNS[0], root="x"), "seconds": 12.34, "select_rows": 10000, "n_train": 42041}
+    cells = dict(zip(COLUMNS, _cells(run)))
+    assert cells["seconds"] == "12.3" and cells["C chosen on"] == "10000 of 42041"
+    assert dict(zip(COLUMNS, _cells({**run, "select_rows": 42041})))["C chosen on"] == "train"
+    older = dict(zip(COLUMNS, _cells(make_result(*RUNS[0], root="x"))))  # written before these were recorded
+    assert older["C chosen on"] == "" and older["seconds"] == ""

@@ -70,7 +70,7 @@ def test_strength_is_chosen_without_looking_at_test(tmp_path):
     assert scrambled["test_accuracy"] < honest["test_accuracy"]
 
 
-def test_selection_fits_on_train_and_the_refit_on_train_and_val(cache, monkeypatch):
+def test_sklearn_selection_fits_on_train_and_the_refit_on_train_and_val(cache, monkeypatch):
     from pipeline import heads, train
     real, sizes = heads.fit, {"select": [], "refit": []}
 
@@ -78,8 +78,9 @@ def test_selection_fits_on_train_and_the_refit_on_train_and_val(cache, monkeypat
         return lambda name, C, X, y: sizes[kind].append(len(y)) or real(name, C, X, y)
     monkeypatch.setattr(heads, "fit", recording("select"))
     monkeypatch.setattr(train, "fit", recording("refit"))
-    train_head(cache, "fc7", "svm")
+    result = train_head(cache, "fc7", "svm", solver="sklearn")
     assert sizes == {"select": [108] * 9, "refit": [108 + 36]}
+    assert result["solver"] == "scikit-learn LinearSVC, one fit per C" and result["select_rows"] == 108
 
 
 def test_train_head_errors(cache, tmp_path):
@@ -95,3 +96,15 @@ def test_train_head_errors(cache, tmp_path):
                           ["a", "b"])
     with pytest.raises(CacheError, match=r"classes \['b'\] have no train images"):
         train_head(no_train, "fc7", "svm")
+
+
+def test_auto_takes_scikit_learn_for_small_softmax_and_svm_heads_and_torch_otherwise(cache, monkeypatch):
+    from pipeline import train
+    assert "scikit-learn LogisticRegression" in train_head(cache, "fc7", "softmax")["solver"]
+    assert "scikit-learn LinearSVC" in train_head(cache, "fc7", "svm")["solver"]
+    assert "torch" in train_head(cache, "fc7", "linear")["solver"]
+    assert "streamed" in train_head(cache, "fc7", "softmax", memory_budget=0)["solver"]
+    monkeypatch.setattr(train, "SKLEARN_AT_MOST", 108 * 20 - 1)  # train rows x dims, one value too many
+    assert "torch" in train_head(cache, "fc7", "softmax")["solver"]
+    with pytest.raises(PipelineError, match="unknown solver 'scipy'; use one of auto, torch, sklearn"):
+        train_head(cache, "fc7", "softmax", solver="scipy")

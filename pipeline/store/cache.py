@@ -28,6 +28,7 @@ CACHE_FORMAT = "pipeline-features/2"
 TEXT = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 512 * 1024  # h5py advises chunks of 10 KiB - 1 MiB
 _COPY_ROWS = 8192  # rows per block when copying reused rows
+_BLOCK_BYTES = 64 * 2**20  # codes read at once when a layer is streamed
 
 
 def to_attr(value):
@@ -165,6 +166,15 @@ class FeatureCache:
             return self.h5["layers"][layer][:], self.labels
         mask = self.split == split
         return self.h5["layers"][layer][np.flatnonzero(mask)], self.labels[mask]
+
+    def blocks(self, layer, block_bytes=_BLOCK_BYTES):
+        """The codes of `layer` in row order, a few whole chunks at a time -> (first row, float32 [B, D]):
+        what stage two streams when a layer does not fit in memory."""
+        ds = self.h5["layers"][layer]
+        chunk, step = ds.chunks[0] if ds.chunks else 1, max(1, block_bytes // (4 * max(ds.shape[1], 1)))
+        step = step // chunk * chunk if step >= chunk else step  # whole chunks, unless asked for less
+        for lo in range(0, ds.shape[0], step):
+            yield lo, ds[lo:lo + step]
 
     def close(self):
         self.h5.close()

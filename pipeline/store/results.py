@@ -25,8 +25,13 @@ class _Provenance(TypedDict, total=False):
     pooling: str
     precision: str
     grid: list             # [{"C", "val_accuracy"}] of every C tried
+    solver: str            # what trained the head, in words
+    select_rows: int       # train rows C was chosen on (fewer than n_train: a stratified subsample)
+    streamed: bool         # the layer was read from disk in blocks, not held in memory
     select_seconds: float
     fit_seconds: float
+    test_seconds: float
+    seconds: float         # the whole protocol: selection, refit, test
     misclassified: list    # [{"id", "true", "predicted"}] of test images, at most 200
     data_checks: dict      # checks.data_checks of the cache
     cache: str

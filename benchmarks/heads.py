@@ -1,0 +1,202 @@
+"""Stage-two speed and memory: every head's whole protocol on synthetic and real caches.
+
+    python benchmarks/heads.py                       # N = 10k, 100k, 1M (D 2048, K 100): `make bench-heads`
+    python benchmarks/heads.py --sizes 10000 --cache features/vehicles/mobilenet_v2-file-39a5f077.h5
+
+For each cache and head, in a fresh process each (so peak RSS is the head's own):
+the torch protocol (probe.py: every C at once, streamed when over the memory budget)
+and scikit-learn's exact estimators (one fit per C) where they finish within
+--sklearn-limit seconds: seconds for selection + refit + test, peak RSS, the chosen C
+and the test accuracy of both. The synthetic caches are class-structured (Gaussian
+classes in a 64-D latent space, mapped to D features through a random matrix and a
+ReLU, like CNN codes), seeded, made once under bench/heads/ and kept. A script, not a
+test: nothing here is asserted.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.cli import BYTES
+from pipeline.layer_codes import default_memory_budget, resolve_layer
+from pipeline.store import FeatureCache
+from pipeline.store.cache import write_cache_file
+
+HEADS = ("softmax", "svm", "linear")
+SIZES = (10_000, 100_000, 1_000_000)
+DIM, CLASSES, LATENT = 2048, 100, 64
+SEPARATION = 0.45          # class means' spread in the latent space: test accuracy about 0.8
+BLOCK = 16_384             # rows generated and written at a time
+SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
+
+
+def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
+    """A cache file of n class-structured rows (made once; its name says how) -> its path."""
+    path = Path(folder) / "synthetic" / f"gauss-n{n}-d{d}-k{k}-s{seed}.h5"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, SEPARATION, (k, LATENT))
+    mixing = rng.normal(0.0, 1.0 / np.sqrt(LATENT), (LATENT, d)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    split = rng.choice(np.array(["train", "val", "test"]), size=n, p=[0.7, 0.15, 0.15])
+
+    def fill(layers):
+        for lo in range(0, n, BLOCK):
+            y = labels[lo:lo + BLOCK]
+            z = (means[y] + rng.normal(0.0, 1.0, (len(y), LATENT))).astype(np.float32)
+            layers["penultimate"][lo:lo + len(y)] = np.maximum(
+                z @ mixing + rng.normal(0.0, 0.5, (len(y), d)).astype(np.float32), 0.0)
+
+    columns = {"labels": labels, "ids": [str(i) for i in range(n)], "split": split, "stamp": [""] * n,
+               "sha256": [""] * n}
+    attrs = {"dataset": f"gauss-{n}", "model": "synthetic", "weights": "random", "penultimate": "penultimate",
+             "settings": {"layers": ["penultimate"], "seed": seed}, "precision": "fp32"}
+    tmp = path.with_name(path.name + ".tmp")
+    write_cache_file(tmp, columns, ([], []), {"penultimate": [d, {"pooling": "none", "depth": 0}]},
+                     [f"c{i}" for i in range(k)], attrs, fill)
+    tmp.replace(path)
+    return path
+
+
+def child_train(cache, layer, head, solver, out, exact=False, memory_budget=None):
+    """One head's protocol (called in a fresh process) -> its figures; `exact`: also the test accuracy
+    of scikit-learn's exact fit at the C the protocol chose (LogisticRegression for softmax and linear)."""
+    from pipeline.train import train_head
+
+    t0 = time.perf_counter()
+    result = train_head(cache, layer, head, out_dir=out, solver=solver, memory_budget=memory_budget)
+    figures = {"seconds": round(time.perf_counter() - t0, 2), "protocol_seconds": result["seconds"],
+               "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "C": result["C"], "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
+               "solver": result["solver"], "streamed": result["streamed"], "select_rows": result["select_rows"],
+               "n_train": result["n_train"], "layer": result["layer"]}
+    if exact:
+        figures["exact_test_accuracy_at_C"] = exact_accuracy(cache, result["layer"], head, result["C"])
+    return figures
+
+
+def exact_accuracy(cache, layer, head, C):
+    """Test accuracy of scikit-learn's exact fit of `head` at C on train+val (the layer in memory)."""
+    from pipeline.heads import LinearModel, fit
+    from pipeline.train import load_codes, score_head
+
+    codes = load_codes(cache, layer)
+    both = codes.rows("train", "val")
+    pipeline = fit("svm" if head == "svm" else "softmax", C, codes.X[both], codes.labels[both])
+    return score_head(LinearModel.from_pipeline(pipeline, codes.class_names, "probability"), codes)["test_accuracy"]
+
+
+def child_reference(cache, layer):
+    """One plain scikit-learn LogisticRegression fit (lbfgs, its defaults: C=1, 100 iterations) on the
+    standardised train rows: the yardstick of the issue's target."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.train import load_codes
+
+    codes = load_codes(cache, layer, memory_budget=2**62)
+    rows = codes.rows("train")
+    X = codes.matrix(rows, codes.scaler("train"))
+    t0 = time.perf_counter()
+    LogisticRegression().fit(X, codes.labels[rows])
+    return {"seconds": round(time.perf_counter() - t0, 2)}
+
+
+_CHILD = ("import json, sys; sys.path.insert(0, sys.argv[3]); import heads; "
+          "print(json.dumps(getattr(heads, sys.argv[1])(**json.loads(sys.argv[2]))))")
+
+
+def in_fresh_process(limit, function="child_train", **args):
+    """heads.<function>(**args) in a new Python process -> its figures, or {"stopped": limit} past `limit` s."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, function, json.dumps(args), here],
+                              capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"stopped": limit}
+    if done.returncode != 0:
+        return {"failed": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(caches, heads, sklearn_limit, out, memory_budget, say=print):
+    """Every head on every (cache, layer, real?) with both solvers -> rows of figures. scikit-learn holds
+    the layer in memory whatever the budget, and is not run where that would take half the machine's memory."""
+    rows = []
+    for cache, layer, real in caches:
+        if _layer_bytes(cache, layer) * 4 <= default_memory_budget() * 2:
+            say(f"{Path(cache).name} {layer}: one plain LogisticRegression fit")
+            reference = in_fresh_process(sklearn_limit, "child_reference", cache=str(cache), layer=layer)
+            rows.append({"cache": str(cache), "head": "one LogisticRegression fit at C=1", "solver": "sklearn",
+                         "reference": True, **reference})
+        for head in heads:
+            for solver, limit in (("torch", None), ("sklearn", sklearn_limit)):
+                say(f"{Path(cache).name} {layer}: {head}, {solver}")
+                if solver == "sklearn" and _layer_bytes(cache, layer) * 4 > default_memory_budget() * 2:
+                    rows.append({"cache": str(cache), "head": head, "solver": solver, "skipped": "too big for memory"})
+                    continue
+                figures = in_fresh_process(limit, cache=str(cache), layer=layer, head=head, solver=solver,
+                                           out=str(out), exact=real and solver == "torch",
+                                           memory_budget=memory_budget if solver == "torch" else 2**62)
+                rows.append({"cache": str(cache), "head": head, "solver": solver, **figures})
+                say(f"  {figures}")
+    return rows
+
+
+def _layer_bytes(cache, layer):
+    with FeatureCache(cache) as f:
+        n, d = f.h5["layers"][resolve_layer(f, layer)].shape
+    return n * d * 4
+
+
+def table(rows):
+    lines = ["| cache | layer | head | solver | seconds | peak RSS MB | C | test acc | exact fit at C |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = Path(r["cache"]).stem
+        if "seconds" not in r:
+            why = (f"stopped at {r['stopped']} s" if "stopped" in r else f"not run: {r['skipped']}" if "skipped" in r
+                   else f"failed: {r.get('failed')}")
+            lines.append(f"| {name} | | {r['head']} | {r['solver']} | {why} | | | | |")
+            continue
+        if r.get("reference"):
+            lines.append(f"| {name} | | {r['head']} | sklearn | {r['seconds']:.1f} | | | | |")
+            continue
+        exact = r.get("exact_test_accuracy_at_C")
+        lines.append(f"| {name} | {r['layer']} | {r['head']} | {r['solver']}{' (streamed)' if r['streamed'] else ''} "
+                     f"| {r['protocol_seconds']:.1f} | {r['maxrss_mb']:.0f} | {r['C']:.3g} | {r['test_accuracy']:.4f} "
+                     f"| {'' if exact is None else f'{exact:.4f}'} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--sizes", default=",".join(map(str, SIZES)), show_default=True, help="Synthetic cache sizes N.")
+@click.option("--cache", "caches", multiple=True, help="A real cache too, as PATH or PATH@LAYER (repeat).")
+@click.option("--heads", default=",".join(HEADS), show_default=True)
+@click.option("--sklearn-limit", type=int, default=SKLEARN_LIMIT, show_default=True)
+@click.option("--memory-budget", type=BYTES, default="1G", show_default=True,
+              help="The torch heads' budget: the 100k and 1M caches stream under the default, so their RSS compares.")
+@click.option("--folder", type=click.Path(path_type=Path), default=Path("bench/heads"), show_default=True)
+@click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+def main(sizes, caches, heads, sklearn_limit, memory_budget, folder, reports_dir):
+    """Every head's protocol on synthetic caches of each size (and real caches): seconds, RSS, accuracy."""
+    say = lambda text: click.echo(text, err=True)
+    paths = [(synthetic_cache(folder, int(n)), "penultimate", False) for n in sizes.split(",") if n]
+    paths += [(*(c.split("@", 1) if "@" in c else (c, "penultimate")), True) for c in caches]
+    rows = run(paths, heads.split(","), sklearn_limit, folder / "heads-out", memory_budget, say)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                            if line.startswith("model name")), "?"), "cores": os.cpu_count()}
+    (reports_dir / "bench-heads.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    click.echo(f"machine: {machine['cpu']}, {machine['cores']} cores\n{table(rows)}")
+
+
+if __name__ == "__main__":
+    main()

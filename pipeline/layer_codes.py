@@ -1,0 +1,138 @@
+"""One cached layer as stage two reads it: in memory when it fits the budget, else
+streamed from the HDF5 cache in chunk order.
+
+    codes = CachedLayer("features/vehicles/x.h5", "penultimate", memory_budget=2 * 2**30)
+    scaler = codes.scaler("train", "val")                    # mean and scale in one pass
+    for X, y in codes.batches(("train", "val"), scaler, 4096, seed=0): ...   # standardised float32
+    for rows, X in codes.blocks(("test",), scaler): ...                     # in row order
+
+Peak memory of a streamed layer is a few blocks of 64 MiB, whatever N is.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checks import data_checks
+from .errors import CacheError
+from .store import FeatureCache
+
+SPLITS = ("train", "val", "test")
+BUDGET_SHARE = 0.25   # of physical memory: the default budget for one layer in memory
+IN_MEMORY_COPIES = 3  # the raw codes, a standardised copy, and working space
+BLOCK_BYTES = 64 * 2**20  # codes read at a time when streaming
+
+
+def default_memory_budget():
+    """A quarter of this machine's memory, in bytes."""
+    return int(BUDGET_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass
+class Scaler:
+    """Standardisation as scikit-learn's StandardScaler: (x - mean) / scale, scale 1 where a feature is constant."""
+    mean: np.ndarray   # float64 [D]
+    scale: np.ndarray  # float64 [D]
+
+    @classmethod
+    def from_sums(cls, n, total, squares):
+        mean = total / n
+        var = np.maximum(squares / n - mean ** 2, 0.0)
+        scale = np.sqrt(var)
+        return cls(mean, np.where(scale < 1e-12 * np.maximum(np.abs(mean), 1.0), 1.0, scale))
+
+    def __call__(self, X):
+        """Standardised float32 copy of X (float32 arithmetic: a copy of the block, no more)."""
+        return (np.asarray(X, dtype=np.float32) - self.mean.astype(np.float32)) / self.scale.astype(np.float32)
+
+
+class CachedLayer:
+    """The codes of one layer of a finished cache, its labels, splits and ids, and the cache's word on them."""
+    block_bytes = BLOCK_BYTES
+
+    def __init__(self, path, layer, memory_budget=None):
+        with FeatureCache(path) as cache:
+            self.layer = resolve_layer(cache, layer)
+            self.path, self.labels, self.split, self.ids = str(path), cache.labels, cache.split, cache.ids
+            self.class_names, self.attrs = cache.class_names, cache.attrs
+            self.depth = cache.layer_attrs(self.layer).get("depth")
+            self.checks = data_checks(cache)
+            self.n, self.d = cache.h5["layers"][self.layer].shape
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.in_memory = self.n * self.d * 4 * IN_MEMORY_COPIES <= budget
+        self.X = self._read_all() if self.in_memory else None
+
+    def _read_all(self):
+        with FeatureCache(self.path) as cache:
+            return cache.features(self.layer)[0]
+
+    def rows(self, *splits):
+        """Indices of the rows in `splits`, in cache order."""
+        return np.flatnonzero(np.isin(self.split, splits))
+
+    def _blocks(self):
+        """(first row, raw codes [B, D]) over the whole layer: slices of X, or blocks read from the cache."""
+        if self.in_memory:
+            step = max(1, self.block_bytes // (4 * self.d))
+            yield from ((lo, self.X[lo:lo + step]) for lo in range(0, self.n, step))
+            return
+        with FeatureCache(self.path) as cache:
+            yield from cache.blocks(self.layer, self.block_bytes)
+
+    def scaler(self, *splits):
+        """The Scaler of the rows in `splits`, from one pass (float64 sums)."""
+        wanted = np.isin(self.split, splits)
+        total, squares = np.zeros(self.d), np.zeros(self.d)
+        for lo, X in self._blocks():
+            part = np.asarray(X[wanted[lo:lo + len(X)]], dtype=np.float64)
+            total += part.sum(axis=0)
+            squares += (part * part).sum(axis=0)
+        return Scaler.from_sums(int(wanted.sum()), total, squares)
+
+    def matrix(self, rows, scaler):
+        """Standardised codes of `rows` (increasing indices) [len(rows), D], gathered in one pass."""
+        if self.in_memory:
+            return scaler(self.X[rows])
+        out, at = np.empty((len(rows), self.d), dtype=np.float32), 0
+        for lo, X in self._blocks():
+            take = rows[(rows >= lo) & (rows < lo + len(X))]
+            out[at:at + len(take)] = scaler(X[take - lo])
+            at += len(take)
+        return out
+
+    def blocks(self, splits, scaler):
+        """(row indices, standardised codes) of the rows in `splits`, block by block, in row order."""
+        wanted = np.isin(self.split, splits)
+        for lo, X in self._blocks():
+            keep = np.flatnonzero(wanted[lo:lo + len(X)])
+            if len(keep):
+                yield lo + keep, scaler(X[keep])
+
+    def batches(self, splits, scaler, batch_size, seed):
+        """Shuffled minibatches (standardised X [B, D], y [B]) of the rows in `splits`, one epoch. In
+        memory: a permutation of the rows; streamed: blocks in row order, rows shuffled within each."""
+        rng = np.random.default_rng(seed)
+        if self.in_memory:
+            rows = rng.permutation(self.rows(*splits))
+            for lo in range(0, len(rows), batch_size):
+                take = np.sort(rows[lo:lo + batch_size])
+                yield scaler(self.X[take]), self.labels[take]
+            return
+        for rows, X in self.blocks(splits, scaler):
+            order = rng.permutation(len(rows))
+            for lo in range(0, len(rows), batch_size):
+                take = order[lo:lo + batch_size]
+                yield X[take], self.labels[rows[take]]
+
+
+def resolve_layer(cache, layer):
+    """A cache layer by exact name, `penultimate`, or a tap whose one pooled version is cached."""
+    if layer in cache.layers:
+        return layer
+    if layer == "penultimate" and cache.attrs.get("penultimate") in cache.layers:
+        return cache.attrs["penultimate"]
+    pooled = [name for name in cache.layers if name.split(":")[0] == layer]
+    if len(pooled) == 1:
+        return pooled[0]
+    raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} "
+                     f"(extract it with `make extract LAYERS={layer}`)")

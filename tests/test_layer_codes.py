@@ -1,0 +1,60 @@
+"""layer_codes.py: a streamed layer reads exactly as one held in memory; the budget decides which."""
+import numpy as np
+import pytest
+
+from pipeline.layer_codes import CachedLayer, Scaler
+from test_train import FIVE, make_cache
+from test_heads import blobs
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    """The same cache opened in memory and streamed in blocks of 7 rows (a tiny block size)."""
+    X, y = blobs(n_per_class=50, dim=9, classes=3, seed=4)
+    path = make_cache(tmp_path_factory.mktemp("lc") / "toy" / "m-random.h5", X * 3 + 1, y,
+                      np.array(FIVE * (len(y) // 5)), ["a", "b", "c"])
+    streamed = CachedLayer(path, "fc7", memory_budget=0)
+    streamed.block_bytes = 7 * 9 * 4
+    return CachedLayer(path, "fc7"), streamed, X * 3 + 1
+
+
+def test_the_budget_decides(layers):
+    in_memory, streamed, X = layers
+    assert in_memory.in_memory and in_memory.X is not None
+    assert not streamed.in_memory and streamed.X is None
+    assert not CachedLayer(in_memory.path, "fc7", memory_budget=X.size * 4 * 3 - 1).in_memory
+    assert CachedLayer(in_memory.path, "fc7", memory_budget=X.size * 4 * 3).in_memory
+
+
+def test_streaming_reads_what_memory_holds(layers):
+    in_memory, streamed, X = layers
+    for splits in (("train",), ("train", "val")):
+        a, b = in_memory.scaler(*splits), streamed.scaler(*splits)
+        np.testing.assert_allclose(a.mean, b.mean)
+        np.testing.assert_allclose(a.scale, b.scale)
+        rows = in_memory.rows(*splits)
+        np.testing.assert_allclose(a.mean, X[rows].astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a.scale, X[rows].astype(np.float64).std(0), rtol=1e-6)
+    scaler = in_memory.scaler("train")
+    rows = np.array([0, 3, 8, 9, 40, 149])
+    np.testing.assert_array_equal(in_memory.matrix(rows, scaler), streamed.matrix(rows, scaler))
+    for splits in (("test",), ("val", "test")):
+        got = [np.concatenate(part) for part in zip(*streamed.blocks(splits, scaler))]
+        want = [np.concatenate(part) for part in zip(*in_memory.blocks(splits, scaler))]
+        np.testing.assert_array_equal(got[0], in_memory.rows(*splits))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_batches_give_every_row_of_the_splits_once(layers, which):
+    layer = layers[which]
+    scaler = Scaler(np.zeros(9), np.ones(9))
+    seen = [(X, y) for X, y in layer.batches(("train", "val"), scaler, 16, seed=which)]
+    X = np.concatenate([x for x, _ in seen])
+    rows = layer.rows("train", "val")
+    assert len(X) == len(rows) and all(len(x) <= 16 for x, _ in seen)
+    order = np.lexsort(X.T)
+    want = layers[2][rows]
+    np.testing.assert_allclose(X[order], want[np.lexsort(want.T)], rtol=1e-6)
+    assert sorted(np.concatenate([y for _, y in seen])) == sorted(layer.labels[rows])
