@@ -64,8 +64,10 @@ def select_and_refit(head, codes, progress=None, seed=0, device="auto"):
     run.phase(f"{head}: C grid on train")
     rows = selection_rows(codes, seed)
     subsample = len(rows) < len(codes.rows("train"))
-    scaler = _scaler_of(codes, rows) if subsample else codes.scaler("train")
-    X, y, k = codes.matrix(rows, scaler), codes.labels[rows], len(codes.class_names)
+    raw = codes.matrix(rows, Scaler(np.zeros(codes.d), np.ones(codes.d)))  # one pass, even when streamed
+    scaler = _scaler_of(raw)
+    X, y, k = scaler(raw), codes.labels[rows], len(codes.class_names)
+    del raw
     coarse = _fit_grid(head, X, y, k, COARSE_GRID, run)
     grid = _val_accuracy(coarse, codes, scaler, run)
     best = _best(grid)
@@ -109,9 +111,10 @@ def selection_rows(codes, seed=0, limit=None):
     return np.sort(np.concatenate(picked))
 
 
-def _scaler_of(codes, rows):
-    raw = codes.matrix(rows, Scaler(np.zeros(codes.d), np.ones(codes.d))).astype(np.float64)
-    return Scaler.from_sums(len(rows), raw.sum(axis=0), (raw * raw).sum(axis=0))
+def _scaler_of(raw):
+    """The Scaler of rows in memory (float64 sums, as layer_codes.CachedLayer.scaler)."""
+    raw = raw.astype(np.float64)
+    return Scaler.from_sums(len(raw), raw.sum(axis=0), (raw * raw).sum(axis=0))
 
 
 def _best(grid):
