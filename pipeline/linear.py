@@ -1,13 +1,19 @@
 """Linear heads for every C at once, in torch: one matmul scores all of them.
 
-    fit = fit_full_batch(X, y, n_classes, Cs=[1e-4, ..., 1e2], loss="softmax")   # L-BFGS, X in memory
+    fit = fit_full_batch(X, y, n_classes, Cs=[1e-4, ..., 1e2], loss="softmax")   # L-BFGS per C, X in memory
     fit = fit_minibatch(batches, n, d, n_classes, Cs, loss="svm", epochs=10)     # Adam, X streamed
     scores = grid_scores(fit, X)                                                  # [N, G, K]
 
-The weights of the G values of C sit side by side, [D, G*K], so one pass over the
-data trains (or scores) every C, as DINOv2's linear evaluation does. The G problems
-share nothing but the data: their sum is minimised, and each C gets the minimiser of
-its own objective, the one scikit-learn's estimators minimise (C means the same):
+The weights of the G values of C sit side by side, [D, G*K], so one pass over
+streamed minibatches trains (and one pass scores) every C, as DINOv2's linear
+evaluation does: Adam's per-weight step sizes let each C's head move at its own pace.
+In memory, full-batch L-BFGS solves each C in its own run instead, along the path
+(each C starts from the previous one's solution, as scikit-learn's regularisation
+paths): one run for the whole grid shares one curvature history and one line search
+between problems of very different conditioning, and leaves the weakly regularised
+heads short of their optimum, which flatters them on validation. Each C gets the
+minimiser of its own objective, the one scikit-learn's estimators minimise (C means
+the same):
 
     softmax   mean_i cross-entropy + ||W||^2 / (2 C n)               (LogisticRegression)
     svm       mean_i sum_k squared hinge(y_ik (w_k x_i + b_k))
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 LOSSES = ("softmax", "svm")
-MAX_ITER = 200        # L-BFGS iterations for the whole grid; accuracy settles long before the gradient does
+MAX_ITER = 200        # L-BFGS iterations of one C's run
 GRAD_TOL = 1e-6       # ... or stop when every gradient entry is below this
 
 
@@ -50,8 +56,9 @@ class Grid(torch.nn.Module):
     def __init__(self, d, k, g, coef=None, intercept=None):
         super().__init__()
         self.g, self.k = g, k
-        weight = torch.zeros(d, g * k) if coef is None else torch.as_tensor(coef).permute(2, 0, 1).reshape(d, g * k)
-        bias = torch.zeros(g * k) if intercept is None else torch.as_tensor(intercept).reshape(g * k)
+        weight = torch.zeros(d, g * k) if coef is None else torch.tensor(coef).permute(2, 0, 1).reshape(d, g * k)
+        bias = torch.zeros(g * k) if intercept is None else torch.tensor(intercept).reshape(g * k)  # copies: a
+        # warm start's arrays must not change under the optimiser
         self.weight = torch.nn.Parameter(weight.float().contiguous())
         self.bias = torch.nn.Parameter(bias.float().contiguous())
 
@@ -110,27 +117,41 @@ def mean_loss(scores, y, loss):
 
 
 def fit_full_batch(X, y, n_classes, Cs, loss, warm=None, max_iter=MAX_ITER, device="cpu", progress=None):
-    """Every C at once by full-batch L-BFGS (strong Wolfe line search) on X [N, D] float32 in memory.
-    `warm`: a GridFit of the same Cs to start from (e.g. the selection's fit for the refit);
+    """Each C in turn by its own full-batch L-BFGS run (strong Wolfe line search, at most `max_iter`
+    iterations) on X [N, D] float32 in memory. A run starts from `warm`'s head at its C when `warm` (a
+    GridFit of the same Cs) is given, else from the previous C's solution: give Cs in increasing order.
     `progress(rows)` is called at each pass over X."""
     X = torch.as_tensor(X, device=device)
     y = torch.as_tensor(np.asarray(y), device=device)
-    Cs_t = torch.as_tensor(Cs, dtype=torch.float32, device=device)
-    model = Grid(X.shape[1], outputs(n_classes), len(Cs), *(warm and (warm.coef, warm.intercept) or (None, None)))
-    model = model.to(device)
+    coef, intercept, steps, start = [], [], 0, (None, None)
+    for g, C in enumerate(Cs):
+        if warm is not None:
+            start = (warm.coef[g:g + 1], warm.intercept[g:g + 1])
+        model = Grid(X.shape[1], outputs(n_classes), 1, *start).to(device)
+        steps += _lbfgs(model, X, y, C, loss, max_iter, progress)
+        fit = model.result([C], 0)
+        start = (fit.coef, fit.intercept)
+        coef.append(fit.coef[0])
+        intercept.append(fit.intercept[0])
+    return GridFit(list(Cs), np.stack(coef), np.stack(intercept), steps)
+
+
+def _lbfgs(model, X, y, C, loss, max_iter, progress):
+    """Minimise one C's objective over `model` (a Grid of one head) in place -> the iterations it took."""
+    C = torch.tensor([C], dtype=torch.float32, device=X.device)
     optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=20,
                                   tolerance_grad=GRAD_TOL, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def objective():
         optimizer.zero_grad(set_to_none=True)
-        value = mean_loss(model(X), y, loss) + model.penalty(Cs_t, len(y), loss)
+        value = mean_loss(model(X), y, loss) + model.penalty(C, len(y), loss)
         value.backward()
         if progress:
             progress(len(y))
         return value
 
     optimizer.step(objective)
-    return model.result(Cs, optimizer.state[optimizer._params[0]].get("n_iter", 0))
+    return optimizer.state[optimizer._params[0]].get("n_iter", 0)
 
 
 def epochs_for(n, batch_size, epochs, min_steps):

@@ -1,11 +1,12 @@
-"""The linear probe in torch, every C at once: choose C on val, refit on train+val.
+"""The linear probe in torch: choose C on val, refit on train+val.
 
     fitted = select_and_refit("softmax", codes)   # codes: a layer_codes.CachedLayer
     fitted.model.predict(X)                        # a LinearModel on raw codes
 
-Selection fits the whole coarse grid of C in one run on train (a stratified
-subsample of SELECT_ROWS when train is larger), scores every C on val in one pass,
-then the two refinements around the best in a second run; ties go to the smaller C.
+Selection fits the whole coarse grid of C on train (a stratified subsample of
+SELECT_ROWS when train is larger): by L-BFGS along the path, one C after another, or
+every C in one minibatch run for `linear`; it scores every C on val in one pass, then
+fits the two refinements around the best from the best's fit; ties go to the smaller C.
 The refit at the chosen C uses all of train+val: full-batch L-BFGS when the layer is
 in memory, minibatch Adam streamed from the cache when it is not. `linear` is
 always trained by minibatch Adam (the torch nn.Linear head).
@@ -21,7 +22,7 @@ from .layer_codes import Scaler
 from .linear import GridFit, epochs_for, fit_full_batch, fit_minibatch, grid_scores, outputs, shuffled
 
 SELECT_ROWS = 10_000     # train rows above which C is chosen on a stratified subsample
-ITER_BUDGET = 3e10       # L-BFGS iterations x rows x dims x heads x outputs: a run's work, about 10 s here
+ITER_BUDGET = 3e10       # L-BFGS iterations x rows x dims x outputs: the most work one C's run may take
 MIN_ITER, MAX_ITER = 40, 500  # iterations of a run, whatever the budget: small problems are solved to convergence
 MIN_BATCH, MAX_BATCH, STEPS_PER_EPOCH = 256, 4096, 100   # minibatch rows: about 100 steps an epoch
 MIN_STEPS, EPOCHS, STREAMED_EPOCHS = 400, 12, 8
@@ -127,16 +128,16 @@ def _minibatch_plan(n, epochs=EPOCHS):
     return batch, epochs_for(n, batch, epochs, MIN_STEPS)
 
 
-def iterations(n, d, g, k):
-    """L-BFGS iterations for g heads of k classes on n x d codes: to convergence (MAX_ITER) on small problems,
-    fewer on large ones (at least MIN_ITER), where validation accuracy has settled long before the gradient."""
-    return int(np.clip(ITER_BUDGET / (n * d * g * outputs(k)), MIN_ITER, MAX_ITER))
+def iterations(n, d, k):
+    """L-BFGS iterations for one C's head of k classes on n x d codes: to convergence (MAX_ITER) on small
+    problems, fewer on large ones (at least MIN_ITER), where validation accuracy has settled before the gradient."""
+    return int(np.clip(ITER_BUDGET / (n * d * outputs(k)), MIN_ITER, MAX_ITER))
 
 
 def _fit_grid(head, X, y, k, Cs, run, warm=None):
     """Every C of `Cs` on (X, y) in memory: L-BFGS from `warm` (a GridFit of Cs), or minibatch Adam for `linear`."""
     if head != "linear":
-        return fit_full_batch(X, y, k, Cs, LOSS[head], warm=warm, max_iter=iterations(len(y), X.shape[1], len(Cs), k),
+        return fit_full_batch(X, y, k, Cs, LOSS[head], warm=warm, max_iter=iterations(len(y), X.shape[1], k),
                               device=run.device, progress=run.progress)
     batch, epochs = _minibatch_plan(len(y))
     return fit_minibatch(shuffled(X, y, batch, run.seed), len(y), X.shape[1], k, Cs, LOSS[head], epochs,

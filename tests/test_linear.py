@@ -1,11 +1,12 @@
 """linear.py: every C at once equals a fit per C, and the objectives are scikit-learn's."""
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline.linear import epochs_for, fit_full_batch, fit_minibatch, grid_scores, shuffled
+from pipeline.linear import epochs_for, fit_full_batch, fit_minibatch, grid_scores, mean_loss, shuffled
 from test_heads import blobs
 
 CS = [1e-3, 1e-1, 10.0]
@@ -27,6 +28,36 @@ def test_all_C_at_once_equals_one_fit_per_C(data, loss):
         np.testing.assert_allclose(together.pick(C)[1], alone.pick(C)[1], rtol=1e-2, atol=1e-3)
         together_says = grid_scores(together, X)[:, CS.index(C)].argmax(1)
         assert (together_says == grid_scores(alone, X)[:, 0].argmax(1)).mean() >= 0.99
+
+
+def objective(fit, C, X, y, loss):
+    """C's objective at its fitted head, in float64."""
+    coef, intercept = (a.astype(np.float64) for a in fit.pick(C))
+    scores = torch.as_tensor(X, dtype=torch.float64) @ torch.as_tensor(coef.T) + torch.as_tensor(intercept)
+    norm = (coef ** 2).sum() + ((intercept ** 2).sum() if loss == "svm" else 0.0)
+    return float(mean_loss(scores[:, None, :], torch.as_tensor(y), loss)) + norm / (2 * C * len(y))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "svm"])
+def test_weak_regularisation_reaches_its_optimum_on_separable_codes(loss):
+    """More dims than rows (a small real layer): every C of a grid up to 100 ends at its own optimum,
+    as low as a long fit of that C alone, so validation never sees a flattering half-fitted head."""
+    X, y = blobs(n_per_class=30, dim=120, classes=3, spread=1.5, seed=7)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    fit = fit_full_batch(X, y, 3, grid, loss, max_iter=500)
+    for C in grid:
+        alone = fit_full_batch(X, y, 3, [C], loss, max_iter=3000)
+        assert objective(fit, C, X, y, loss) <= objective(alone, C, X, y, loss) * (1 + 1e-3)
+
+
+def test_a_warm_start_is_not_changed_by_the_fit_it_starts(data):
+    X, y = data
+    start = fit_full_batch(X, y, 3, [0.01], "svm", max_iter=500)
+    before = (start.coef.copy(), start.intercept.copy())
+    fit_full_batch(X, y, 3, [10.0], "svm", warm=start, max_iter=500)
+    np.testing.assert_array_equal(start.coef, before[0])
+    np.testing.assert_array_equal(start.intercept, before[1])
 
 
 def test_softmax_is_logistic_regression_at_the_same_C(data):
