@@ -98,10 +98,10 @@ def test_train_head_errors(cache, tmp_path):
         train_head(no_train, "fc7", "svm")
 
 
-def test_auto_takes_scikit_learn_for_small_softmax_and_svm_heads_and_torch_otherwise(cache, monkeypatch):
+def test_auto_takes_scikit_learn_for_small_softmax_heads_and_torch_otherwise(cache, monkeypatch):
     from pipeline import train
     assert "scikit-learn LogisticRegression" in train_head(cache, "fc7", "softmax")["solver"]
-    assert "scikit-learn LinearSVC" in train_head(cache, "fc7", "svm")["solver"]
+    assert "torch squared hinge" in train_head(cache, "fc7", "svm")["solver"]
     assert "torch" in train_head(cache, "fc7", "linear")["solver"]
     assert "streamed" in train_head(cache, "fc7", "softmax", memory_budget=0)["solver"]
     monkeypatch.setattr(train, "SKLEARN_AT_MOST", 108 * 20 - 1)  # train rows x dims, one value too many
