@@ -15,6 +15,9 @@ FEATURES_DIR ?= features
 REPORTS_DIR ?= reports
 DEVICE      ?= auto
 PRECISION   ?= auto
+ENGINE      ?= local
+RAY_ADDRESS ?=
+RAY_DATA    ?= shared
 BATCH       ?=
 WORKERS     ?=
 SHARED      ?= ../shared
@@ -23,6 +26,9 @@ TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
 
 CLI := $(PY) -m pipeline
 opt = $(if $(2),$(1) $(2))
+ENGINE_OPTS = --engine $(ENGINE) $(call opt,--ray-address,$(RAY_ADDRESS)) --ray-data $(RAY_DATA)
+# Ray is installed only when ENGINE=ray asks for it (and for the tests).
+ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray)
 
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
@@ -47,27 +53,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-extract: venv
+$(VENV)/.ray: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[ray]'
+	touch $@
+
+extract: venv $(ENGINE_DEPS)
 	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
 	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) \
-	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates)
+	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates) $(ENGINE_OPTS)
 
 train-head: venv
 	$(CLI) train-head --head $(HEAD) --dataset $(DATASET) --layer $(LAYER) --features-dir $(FEATURES_DIR) \
 	  $(call opt,--model,$(MODEL)) $(call opt,--weights,$(WEIGHTS)) $(call opt,--solver,$(SOLVER)) \
 	  $(call opt,--memory-budget,$(MEMORY_BUDGET))
 
-sweep: venv
+sweep: venv $(ENGINE_DEPS)
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
-	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS))
+	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) $(ENGINE_OPTS)
 
 report: venv
 	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)
 
-predict: venv
-	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE)
+predict: venv $(ENGINE_DEPS)
+	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE) $(ENGINE_OPTS)
 
 taps: venv
 	$(CLI) taps $(or $(MODEL),vgg16)
@@ -81,10 +91,10 @@ demo: venv
 	$(MAKE) --no-print-directory train-head HEAD=linear DATASET=$(DATASET) MODEL=$(or $(MODEL),vgg16) WEIGHTS=$(or $(WEIGHTS),default)
 	$(MAKE) --no-print-directory report
 
-test: venv
+test: venv $(VENV)/.ray
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q
 
-test-fast: venv
+test-fast: venv $(VENV)/.ray
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
 
 bench-heads: venv

@@ -50,6 +50,17 @@ def cli():
     """Transfer learning by feature cache: extract CNN codes once, train heads in seconds."""
 
 
+def _engine_options(f):
+    f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this process; ray: a Ray cluster (pip install -e '.[ray]').")(f)
+    f = click.option("--ray-address", default=None, help="The cluster to join: auto, host:port (default: "
+                     "RAY_ADDRESS, else a Ray started on this machine for the run).")(f)
+    f = click.option("--ray-data", type=click.Choice(["shared", "driver"]), default="shared", show_default=True,
+                     help="shared: every node reads the images' path; driver: they are on this machine only, "
+                          "which reads the bytes and ships them.")(f)
+    return f
+
+
 def _data_options(f):
     f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
     f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
@@ -71,9 +82,10 @@ def _data_options(f):
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
 @click.option("--drop-duplicates", is_flag=True,
               help="Leave out byte-identical images (all of a group whose labels disagree) before splitting.")
+@_engine_options
 @_data_options
 def extract(dataset, model, layers, weights, device, precision, batch_size, workers, quiet, update, rebuild,
-            drop_duplicates, data_dir, features_dir):
+            drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
@@ -86,7 +98,8 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     try:
         result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
-                                  update=update, rebuild=rebuild)
+                                  update=update, rebuild=rebuild, engine=engine, ray_address=ray_address,
+                                  ray_data=ray_data)
     except KeyboardInterrupt:
         from .paths import cache_path
         from .store import partial_progress
@@ -149,9 +162,10 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--quiet", is_flag=True)
+@_engine_options
 @_data_options
 def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, reports_dir, quiet,
-          data_dir, features_dir):
+          engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     from .backbones import load_backbone
     from .datasets import load_dataset
@@ -163,7 +177,8 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
     results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
                                            precision=precision, batch_size=batch_size, num_workers=workers,
-                                           progress=not quiet)
+                                           progress=not quiet, engine=engine, ray_address=ray_address,
+                                           ray_data=ray_data)
     click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head LAYER=auto HEAD={head}` uses it)")
     write_report(features_dir, reports_dir, data_dir)
     click.echo(f"report: {reports_dir / 'index.html'}")
@@ -189,11 +204,13 @@ def report(features_dir, reports_dir, data_dir):
 @click.option("--weights", default=None, help="Backbone weights if not where the head was trained (default, none, path).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-def predict(head_file, inputs, out, weights, device, batch_size):
+@_engine_options
+def predict(head_file, inputs, out, weights, device, batch_size, engine, ray_address, ray_data):
     """Classify image files or folders with the head's backbone; write path,label,score."""
     from .predict import predict_files
 
-    n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size)
+    n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size,
+                               engine=engine, ray_address=ray_address, ray_data=ray_data)
     click.echo(f"classified {n} images -> {out}" + (f" ({skipped} unreadable, listed with the reason)" if skipped else ""))
 
 

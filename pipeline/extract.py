@@ -5,11 +5,11 @@
     result = extract_features(table, backbone, ["penultimate"], "features")
 
 One call: resolve the device and precision (hardware.py), key the cache and plan the
-work against what is on disk (plan.py), then stream (batch, codes) pairs (codes.py)
-into the cache's crash-safe partial folder (store), one batch file each, written by
-a thread while the next batch runs. Memory does not grow with the data set; a killed
-run resumes after its last whole batch; an image that cannot be decoded is skipped
-with its reason. `benchmarks/stage_one.py` measures the loop against the forward
+work against what is on disk (plan.py), then stream (batch, codes) pairs (codes.py, or
+ray_engine.py on a Ray cluster) into the cache's crash-safe partial folder (store), one
+batch file each, written by a thread while the next batch runs. Memory does not grow
+with the data set; a killed run resumes after its last whole batch; an image that
+cannot be decoded is skipped with its reason. `benchmarks/stage_one.py` measures the loop against the forward
 pass alone.
 """
 import sys
@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import data_checks, note
+from .errors import PipelineError
 from .codes import iter_codes
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
 from .store import H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, read_partial_settings
 
-__all__ = ["ExtractResult", "extract_features", "library_versions"]
+__all__ = ["ENGINES", "ExtractResult", "LocalEngine", "extract_features", "library_versions", "open_engine"]
 
 
 @dataclass
@@ -48,16 +49,19 @@ class ExtractResult:
 
 
 def extract_features(table, backbone, layer_specs, features_dir, *, device="auto", precision="auto",
-                     batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False):
+                     batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False,
+                     engine="local", ray_address=None, ray_data="shared"):
     """Cache the codes of `layer_specs` for every image of `table`; see module docstring.
 
     `jpeg_draft`: decode JPEGs much larger than the model needs at reduced scale (faster; codes
     within cosine 0.99 of full decoding). It is part of the cache key. When the data set changed
     since the cache was made, StaleCacheError says what changed, unless `update` (compute only new
-    and changed images, copy the rest, drop removed ones) or `rebuild` (start over).
+    and changed images, copy the rest, drop removed ones) or `rebuild` (start over). `engine`:
+    "local" (this process, on `device`) or "ray" (the Ray cluster at `ray_address`, reading the
+    images where `ray_data` says: ray_engine.py); the cache is the same either way.
     """
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    runner = open_engine(engine, device, num_workers, ray_address, ray_data)
+    precision = runner.precision(precision)
     path = cache_path(features_dir, table.name, backbone.name, backbone.weights_tag)
     key = cache_key(table, backbone, precision, jpeg_draft)
     with extraction_lock(path):
@@ -67,25 +71,57 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         writer = _resume_writer(path, plan)
         start = writer.n_done if writer else 0
         status = "resumed" if start else "updated" if len(plan.reuse.rows) else "extracted"
-        batch_size = batch_size or default_batch_size(device)
-        num_workers = default_workers(device) if num_workers is None else num_workers
+        batch_size = batch_size or runner.default_batch_size()
         t0 = time.perf_counter()
-        pairs = iter_codes(table, backbone, plan.layers, plan.todo[start:], device=device, precision=precision,
-                           batch_size=batch_size, num_workers=num_workers,
-                           draft=draft_size(backbone.transform) if jpeg_draft else None)
+        pairs = runner.codes(table, backbone, plan.layers, plan.todo[start:], precision, batch_size,
+                             draft_size(backbone.transform) if jpeg_draft else None)
         writer = writer or _create_writer(path, table, backbone, plan)
         _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
         seconds = time.perf_counter() - t0
         rows = len(plan.todo) - start
         rate = rows / seconds if seconds > 0 else 0.0
-        writer.finish({"device": describe_device(device), "batch_size": batch_size,
-                       "num_workers": num_workers, "images_per_s": round(rate, 2),
+        writer.finish({"device": runner.describe(), "engine": engine, "batch_size": batch_size,
+                       "num_workers": getattr(runner, "num_workers", 0), "images_per_s": round(rate, 2),
                        "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
     message = (f"{plan.note}{status} {rows} images -> {path} ({', '.join(plan.settings['layers'])}; "
-               f"{precision} on {device.type}, {rate:.1f} images/s){found and chr(10) + found}")
+               f"{precision} on {runner.describe()}, {rate:.1f} images/s){found and chr(10) + found}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
+
+
+ENGINES = ("local", "ray")
+
+
+def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_data="shared"):
+    """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then)."""
+    if engine == "ray":
+        from .ray_engine import RayEngine
+        return RayEngine(ray_address, ray_data)
+    if engine != "local":
+        raise PipelineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return LocalEngine(device, num_workers)
+
+
+class LocalEngine:
+    """This process on `device`: codes.iter_codes, decoding in `num_workers` processes (None: the default)."""
+
+    def __init__(self, device="auto", num_workers=None):
+        self.device = resolve_device(device)
+        self.num_workers = default_workers(self.device) if num_workers is None else num_workers
+
+    def precision(self, precision):
+        return resolve_precision(precision, self.device)
+
+    def default_batch_size(self):
+        return default_batch_size(self.device)
+
+    def describe(self):
+        return describe_device(self.device)
+
+    def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
+        return iter_codes(source, backbone, layers, rows, device=self.device, precision=precision,
+                          batch_size=batch_size, num_workers=self.num_workers, draft=draft)
 
 
 def _resume_writer(path, plan):

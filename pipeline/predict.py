@@ -4,7 +4,8 @@
 
 The head file carries its cache's provenance (model, weights and their sha256,
 layer, pooling, precision, decoding), so new images get the codes the cache would
-have given them: the same `iter_codes` as extract, over `ImageFiles`.
+have given them: the same engine as extract (this process, or a Ray cluster), over
+`ImageFiles`.
 """
 import csv
 from pathlib import Path
@@ -12,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import load_backbone
-from .codes import iter_codes
 from .errors import WeightsError
-from .hardware import default_batch_size, default_workers, resolve_device
+from .extract import open_engine
 from .heads import LinearHead
 from .plan import draft_size
 from .sources import ImageFiles, list_images
@@ -36,31 +36,32 @@ def backbone_for(head, weights=None):
     return backbone
 
 
-def codes_of_files(head, files, weights=None, device="auto", batch_size=None):
-    """Codes of the head's layer for every file, as its cache made them -> (X [N, D], failures [N])."""
+def codes_of_files(head, files, weights=None, device="auto", batch_size=None, engine="local", **ray_options):
+    """Codes of the head's layer for every file, as its cache made them -> (X [N, D], failures [N]).
+    `engine`: "local" on `device`, or "ray" (`ray_options`: ray_address, ray_data; see extract.open_engine)."""
     backbone = backbone_for(head, weights)
     [layer] = backbone.resolve([head.layer])
-    device = resolve_device(device)
+    runner = open_engine(engine, device, **ray_options)
+    if engine == "local":
+        runner.num_workers = min(runner.num_workers, len(files) // FILES_PER_WORKER)
     info = head.provenance
     draft = None if info.get("decode", "full") == "full" else draft_size(backbone.transform)
     X, failures = np.zeros((len(files), layer.dim), dtype=np.float32), [""] * len(files)
-    for batch, codes in iter_codes(files, backbone, [layer], np.arange(len(files)), device=device,
-                                   precision=info.get("precision", "fp32"),
-                                   batch_size=batch_size or default_batch_size(device),
-                                   num_workers=min(default_workers(device), len(files) // FILES_PER_WORKER),
-                                   draft=draft):
+    for batch, codes in runner.codes(files, backbone, [layer], np.arange(len(files)), info.get("precision", "fp32"),
+                                     batch_size or runner.default_batch_size(), draft):
         X[batch.rows] = codes[layer.name]
         for row, reason in zip(batch.rows, batch.failures):
             failures[row] = reason
     return X, failures
 
 
-def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None):
+def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None, engine="local",
+                  **ray_options):
     """Write `path,label,score,skipped` for every image -> (images classified, images skipped).
     The score is the winner's probability, or for an svm head its margin over the runner-up."""
     head = LinearHead(head_file)
     files = ImageFiles(list_images(inputs))
-    X, failures = codes_of_files(head, files, weights, device, batch_size)
+    X, failures = codes_of_files(head, files, weights, device, batch_size, engine, **ray_options)
     score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
     labels = head.predict(X)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

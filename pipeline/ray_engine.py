@@ -1,0 +1,191 @@
+"""Stage one on a Ray cluster: the same (Batch, codes) stream as codes.iter_codes, computed by Ray Data.
+
+    engine = RayEngine("auto", data="shared")        # address None: RAY_ADDRESS, else a local Ray
+    precision = engine.precision("auto")              # resolved where the backbone will run
+    for batch, codes in engine.codes(table, backbone, layers, rows, precision, batch_size=32, draft=256):
+        ...                                           # in the order of `rows`, as codes.iter_codes yields them
+
+The driver keeps every decision: the listing, the cache key, the plan and the
+crash-safe writer (extract.py). Ray Data does the work: CPU tasks anywhere on the
+cluster read and decode the images (`data="shared"`: a path every node reads), or
+tasks pinned to the driver's node read the bytes and ship them to be decoded
+anywhere (`data="driver"`); an actor pool runs the backbone, one actor per GPU
+(`num_gpus=1`), or one per node when the cluster has no GPU. The codes come back
+to the driver in the order of `rows` (`preserve_order`), so the writer appends
+them exactly as on one machine: every row once, a killed driver resumes after its
+last whole batch. Ray restarts a killed actor and retries a lost task.
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from .codes import SourceRows, forward, prepare_model
+from .errors import ImageDecodeError, PipelineError
+from .hardware import default_batch_size, describe_device, resolve_precision
+from .images import decode_image, read_image_bytes
+from .sources import Batch
+
+__all__ = ["RayEngine", "DATA_PLACES", "connect", "ray_codes"]
+
+DATA_PLACES = ("shared", "driver")
+BATCHES_PER_BLOCK = 4   # rows of the driver's listing per Ray block: this many batches
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError("--engine ray needs Ray: pip install -e '.[ray]' (make extract ENGINE=ray installs it)") from None
+    return ray
+
+
+def connect(address=None):
+    """Join the Ray cluster at `address` ("auto", "host:port"; None: RAY_ADDRESS, else a local Ray)."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+                 include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the writer takes rows in the order of the listing
+    context.enable_progress_bars = False             # the driver's own bar counts written rows
+    return ray
+
+
+class RayEngine:
+    """Stage one's codes computed on a Ray cluster (see the module docstring)."""
+
+    def __init__(self, address=None, data="shared"):
+        if data not in DATA_PLACES:
+            raise PipelineError(f"unknown data place {data!r}; use one of {', '.join(DATA_PLACES)}")
+        self.ray, self.data = connect(address), data
+        self.gpus = int(self.ray.cluster_resources().get("GPU", 0))
+        self.device = torch.device("cuda" if self.gpus else "cpu")  # where the actors run: keys batch size
+        self._where = None
+
+    def precision(self, precision):
+        """`precision` resolved ("auto") where the backbone runs: in a task on a GPU (or CPU) of the cluster."""
+        task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
+        resolved, self._where = self.ray.get(task.remote(precision))
+        return resolved
+
+    def default_batch_size(self):
+        return default_batch_size(self.device)
+
+    def describe(self):
+        nodes = sum(1 for node in self.ray.nodes() if node["Alive"])
+        return f"ray: {nodes} node(s), {self.gpus} GPU(s); actors on {self._where or self.device.type}"
+
+    def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
+        return ray_codes(source, backbone.extractor(layers), backbone.transform, rows, precision=precision,
+                         batch_size=batch_size, draft=draft, data=self.data)
+
+
+def _resolve_on_worker(precision):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(precision, device), describe_device(device)
+
+
+def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draft=None, data="shared"):
+    """Yield (Batch, {layer name: codes [B, D] float32}) for `rows` of `source`, in order, computed on the
+    cluster joined by `connect`. The codes of a row whose failure is not "" are meaningless (as iter_codes)."""
+    ray = _ray()
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return
+    blocks = max(1, -(-len(rows) // (batch_size * BATCHES_PER_BLOCK)))
+    dataset = ray.data.from_numpy(rows).repartition(blocks)  # column "data": the rows
+    source_ref, model_ref = ray.put(source), ray.put(extractor)
+    if data == "driver":  # read where the files are: tasks on the driver's own node
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
+                                      label_selector=here)
+    dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
+                                  batch_format="numpy", ray_remote_args_fn=_one_cpu)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = gpus or len([node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1])
+    dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision), batch_size=batch_size,
+                                  batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
+                                  num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+    for out in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+        names = [key for key in out if key.startswith("layer/")]
+        yield (Batch(out["data"].astype(np.int64), None, [str(s) for s in out["sha256"]],
+                     [str(f) for f in out["failure"]]),
+               {name[len("layer/"):]: out[name] for name in names})
+
+
+def _one_cpu():
+    """A decoding task's resources, given as a function so that Ray does not fuse decoding into the model
+    actors (as it would on a CPU cluster): decoding then overlaps the forward pass, on any node."""
+    return {"num_cpus": 1}
+
+
+def _read_bytes(batch, source):
+    """On the driver's node: each row's file bytes (b"" with the reason when it cannot be read)."""
+    source, data, failures = _resolved(source), [], []
+    for row in batch["data"]:
+        path = _file_of(source, int(row))
+        try:
+            data.append(read_image_bytes(path) if path is not None else b"")
+            failures.append("")
+        except ImageDecodeError as e:
+            data.append(b"")
+            failures.append(str(e) or "cannot read")
+    return {"data": batch["data"], "bytes": np.array(data, dtype=object), "read_failure": np.array(failures)}
+
+
+def _resolved(source):
+    """The source itself (shipped once to the object store; fn_args are passed to map tasks as given)."""
+    import ray
+    return ray.get(source) if isinstance(source, ray.ObjectRef) else source
+
+
+def _file_of(source, row):
+    """The file a row's image is read from, or None when its pixels travel with the source."""
+    if getattr(source, "pixels", None) is not None:
+        return None
+    return source.root / source.ids[row] if hasattr(source, "root") else source.paths[row]
+
+
+def _decode(batch, source, transform, draft):
+    """CPU task: rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, as codes.SourceRows."""
+    source = _resolved(source)
+    items = SourceRows(source, transform, batch["data"], draft)
+    out = []
+    for k, row in enumerate(batch["data"]):
+        if "bytes" not in batch or _file_of(source, int(row)) is None:
+            out.append(items[k])
+        elif batch["read_failure"][k]:
+            out.append((int(row), items.blank(), "", str(batch["read_failure"][k])))
+        else:
+            out.append(_decode_bytes(int(row), bytes(batch["bytes"][k]), transform, draft, items))
+    rows, images, digests, failures = zip(*out)
+    return {"data": np.array(rows, dtype=np.int64), "image": torch.stack(images).numpy(),
+            "sha256": np.array(digests), "failure": np.array(failures)}
+
+
+def _decode_bytes(row, data, transform, draft, items):
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return row, transform(decode_image(data, draft)), digest, ""
+    except ImageDecodeError as e:
+        return row, items.blank(), "", str(e) or "cannot decode"
+
+
+class _Codes:
+    """Actor: the backbone, prepared once, on the actor's GPU (when Ray gave it one) or its CPU."""
+
+    def __init__(self, extractor, precision):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)  # Ray sets one thread per CPU asked for; decoding
+            # tasks take turns with the forward pass, as the local engine's threads do
+        self.model = prepare_model(_resolved(extractor), self.device)
+        self.precision = precision
+
+    def __call__(self, batch):
+        images = Batch(batch["data"], torch.from_numpy(batch["image"]), list(batch["sha256"]), list(batch["failure"]))
+        [(done, codes)] = list(forward(self.model, [images], self.device, self.precision))
+        return {"data": done.rows, "sha256": batch["sha256"], "failure": batch["failure"],
+                **{f"layer/{name}": values for name, values in codes.items()}}
