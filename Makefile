@@ -33,7 +33,7 @@ ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray)
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
 help:
-	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1]"
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
 	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=torch|sklearn] [MEMORY_BUDGET=4G]"
 	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
@@ -41,7 +41,7 @@ help:
 	@echo "make taps       MODEL=resnet50"
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
-	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop"
+	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [ENGINE=ray: Ray against local]"
 	@echo "make bench-heads [SIZES=10000,100000,1000000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy"
 
 venv: $(VENV)/.installed
@@ -100,8 +100,12 @@ test-fast: venv $(VENV)/.ray
 bench-heads: venv
 	$(PY) benchmarks/heads.py $(call opt,--sizes,$(SIZES)) $(foreach c,$(CACHES),--cache $(c)) --reports-dir $(REPORTS_DIR)
 
-bench: venv
+bench: venv $(ENGINE_DEPS)
+ifeq ($(ENGINE),ray)
+	$(PY) benchmarks/ray_engine.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --precision $(PRECISION) $(call opt,--address,$(RAY_ADDRESS))
+else
 	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION)
+endif
 
 clean:
 	rm -rf $(REPORTS_DIR) .pytest_cache

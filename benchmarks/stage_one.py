@@ -226,13 +226,15 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
             "dim": int(np.concatenate(features).shape[1])}
 
 
-def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers):
+def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers,
+                  engine="local", ray_address=None):
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
     table = load_dataset(name, data_dir)
     backbone = load_backbone(model, weights)
     t0 = time.perf_counter()
     result = extract_features(table, backbone, ["penultimate"], features_dir, device=device, precision=precision,
-                              batch_size=batch_size, num_workers=workers, progress=False)
+                              batch_size=batch_size, num_workers=workers, progress=False, engine=engine,
+                              ray_address=ray_address)
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s,

@@ -117,7 +117,7 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 @click.option("--weights", default=None, help="default, none or a .pth path, as given to extract.")
 @click.option("--layer", default="penultimate", show_default=True, help="A cached layer, `penultimate`, or `auto` (the sweep's choice).")
 @click.option("--solver", type=click.Choice(["auto", "torch", "sklearn"]), default="auto", show_default=True,
-              help="torch: every C at once, streams big layers; sklearn: scikit-learn's exact fit per C, in memory; "
+              help="torch: L-BFGS per C in memory, every C at once when streamed; sklearn: scikit-learn's exact fit per C, in memory; "
                    "auto: sklearn for softmax on small layers, else torch.")
 @click.option("--memory-budget", type=BYTES, default=None,
               help="Bytes (512M, 4G) a layer may take in memory; above it the head streams (default: a quarter of RAM).")

@@ -6,17 +6,19 @@
         ...                                           # in the order of `rows`, as codes.iter_codes yields them
 
 The driver keeps every decision: the listing, the cache key, the plan and the
-crash-safe writer (extract.py). Ray Data does the work: CPU tasks anywhere on the
-cluster read and decode the images (`data="shared"`: a path every node reads), or
-tasks pinned to the driver's node read the bytes and ship them to be decoded
-anywhere (`data="driver"`); an actor pool runs the backbone, one actor per GPU
-(`num_gpus=1`), or one per node when the cluster has no GPU. The codes come back
+crash-safe writer (extract.py). Ray Data does the work: an actor pool runs the
+backbone, one actor per GPU (`num_gpus=1`), fed by CPU tasks on any node that read
+and decode the images; on a cluster without GPUs, one actor per node decodes and
+runs its own batches. The images are read where they are: at a path every node
+reads (`data="shared"`), or by tasks pinned to the driver's node that ship the
+bytes (`data="driver"`). The codes come back
 to the driver in the order of `rows` (`preserve_order`), so the writer appends
 them exactly as on one machine: every row once, a killed driver resumes after its
 last whole batch. Ray restarts a killed actor and retries a lost task.
 """
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from .sources import Batch
 __all__ = ["RayEngine", "DATA_PLACES", "connect", "ray_codes"]
 
 DATA_PLACES = ("shared", "driver")
-BATCHES_PER_BLOCK = 4   # rows of the driver's listing per Ray block: this many batches
+BATCHES_PER_BLOCK = 1   # rows of the driver's listing per Ray block, in batches: one, so codes stream back early
 
 
 def _ray():
@@ -65,7 +67,10 @@ class RayEngine:
         self._where = None
 
     def precision(self, precision):
-        """`precision` resolved ("auto") where the backbone runs: in a task on a GPU (or CPU) of the cluster."""
+        """`precision` resolved ("auto") where the backbone runs: in a task on a GPU (or CPU) of the cluster
+        (about 2 s: the task's process imports torch), or as given."""
+        if precision != "auto":
+            return resolve_precision(precision, self.device)
         task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
         resolved, self._where = self.ray.get(task.remote(precision))
         return resolved
@@ -84,6 +89,7 @@ class RayEngine:
 
 def _resolve_on_worker(precision):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)  # as the actors set it, so that the description is theirs
     return resolve_precision(precision, device), describe_device(device)
 
 
@@ -101,11 +107,13 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
                                       label_selector=here)
-    dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
-                                  batch_format="numpy", ray_remote_args_fn=_one_cpu)
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:  # decoding in tasks of their own, on any node's CPUs, while the GPUs compute
+        dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
+                                      batch_format="numpy", ray_remote_args_fn=_one_cpu)
     actors = gpus or len([node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1])
-    dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision), batch_size=batch_size,
+    decode = None if gpus else (source_ref, transform, draft)
+    dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision, decode), batch_size=batch_size,
                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
                                   num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     for out in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
@@ -116,8 +124,7 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
 
 
 def _one_cpu():
-    """A decoding task's resources, given as a function so that Ray does not fuse decoding into the model
-    actors (as it would on a CPU cluster): decoding then overlaps the forward pass, on any node."""
+    """A decoding task's resources, given as a function so that Ray keeps decoding in tasks of its own."""
     return {"num_cpus": 1}
 
 
@@ -148,19 +155,22 @@ def _file_of(source, row):
     return source.root / source.ids[row] if hasattr(source, "root") else source.paths[row]
 
 
-def _decode(batch, source, transform, draft):
-    """CPU task: rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, as codes.SourceRows."""
+def _decode(batch, source, transform, draft, threads=1):
+    """Rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, as codes.SourceRows,
+    decoded by `threads` threads (PIL and torch release the GIL)."""
     source = _resolved(source)
     items = SourceRows(source, transform, batch["data"], draft)
-    out = []
-    for k, row in enumerate(batch["data"]):
-        if "bytes" not in batch or _file_of(source, int(row)) is None:
-            out.append(items[k])
-        elif batch["read_failure"][k]:
-            out.append((int(row), items.blank(), "", str(batch["read_failure"][k])))
-        else:
-            out.append(_decode_bytes(int(row), bytes(batch["bytes"][k]), transform, draft, items))
-    rows, images, digests, failures = zip(*out)
+
+    def one(k):
+        row = int(batch["data"][k])
+        if "bytes" not in batch or _file_of(source, row) is None:
+            return items[k]
+        if batch["read_failure"][k]:
+            return row, items.blank(), "", str(batch["read_failure"][k])
+        return _decode_bytes(row, bytes(batch["bytes"][k]), transform, draft, items)
+
+    with ThreadPoolExecutor(threads) as pool:
+        rows, images, digests, failures = zip(*pool.map(one, range(len(batch["data"]))))
     return {"data": np.array(rows, dtype=np.int64), "image": torch.stack(images).numpy(),
             "sha256": np.array(digests), "failure": np.array(failures)}
 
@@ -174,17 +184,22 @@ def _decode_bytes(row, data, transform, draft, items):
 
 
 class _Codes:
-    """Actor: the backbone, prepared once, on the actor's GPU (when Ray gave it one) or its CPU."""
+    """Actor: the backbone, prepared once, on the actor's GPU (when Ray gave it one) or its CPU. On a
+    cluster without GPUs it also decodes its batches, with every core of its node in turn with the forward
+    pass, as the local engine does: decoding tasks beside it would share the cores with the forward pass's
+    threads and slow both (0.67 x the local engine's rate, measured in `make bench ENGINE=ray`)."""
 
-    def __init__(self, extractor, precision):
+    def __init__(self, extractor, precision, decode=None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = os.cpu_count() or 1
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)  # Ray sets one thread per CPU asked for; decoding
-            # tasks take turns with the forward pass, as the local engine's threads do
+            torch.set_num_threads(self.threads)  # Ray sets one thread per CPU asked for (one)
         self.model = prepare_model(_resolved(extractor), self.device)
-        self.precision = precision
+        self.precision, self.decode = precision, decode
 
     def __call__(self, batch):
+        if self.decode is not None:
+            batch = _decode(batch, *self.decode, threads=self.threads)
         images = Batch(batch["data"], torch.from_numpy(batch["image"]), list(batch["sha256"]), list(batch["failure"]))
         [(done, codes)] = list(forward(self.model, [images], self.device, self.precision))
         return {"data": done.rows, "sha256": batch["sha256"], "failure": batch["failure"],
