@@ -61,7 +61,11 @@ class ImageTable:
         if self.pixels is not None:
             row = self.pixels[i]
             return Image.fromarray(row, mode="L").convert("RGB"), pixel_sha256(row[None])[0]
-        return load_file(self.root / self.ids[i], draft)
+        return load_file(self.file(i), draft)
+
+    def file(self, i):
+        """The file row i is read from, or None when its pixels are in the table."""
+        return None if self.pixels is not None else self.root / self.ids[i]
 
     @property
     def location(self):

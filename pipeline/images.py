@@ -38,7 +38,11 @@ def read_image_bytes(path):
 
 def load_file(path, draft=None):
     """An image file -> (RGB PIL image, sha256 hex of its bytes), reading it once (see decode_image)."""
-    data = read_image_bytes(path)
+    return load_bytes(read_image_bytes(path), draft)
+
+
+def load_bytes(data, draft=None):
+    """An image file's bytes -> (RGB PIL image, sha256 hex of the bytes) (see decode_image)."""
     return decode_image(data, draft), hashlib.sha256(data).hexdigest()
 
 

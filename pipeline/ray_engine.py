@@ -16,9 +16,7 @@ to the driver in the order of `rows` (`preserve_order`), so the writer appends
 them exactly as on one machine: every row once, a killed driver resumes after its
 last whole batch. Ray restarts a killed actor and retries a lost task.
 """
-import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,7 +24,7 @@ import torch
 from .codes import SourceRows, forward, prepare_model
 from .errors import ImageDecodeError, PipelineError
 from .hardware import default_batch_size, describe_device, resolve_precision
-from .images import decode_image, read_image_bytes
+from .images import load_bytes, read_image_bytes
 from .sources import Batch
 
 __all__ = ["RayEngine", "DATA_PLACES", "connect", "ray_codes"]
@@ -80,7 +78,7 @@ class RayEngine:
 
     def describe(self):
         nodes = sum(1 for node in self.ray.nodes() if node["Alive"])
-        return f"ray: {nodes} node(s), {self.gpus} GPU(s); actors on {self._where or self.device.type}"
+        return f"ray: {nodes} node(s), {self.gpus} GPU(s); actors on {self._where or ('GPUs' if self.gpus else 'CPUs')}"
 
     def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
         return ray_codes(source, backbone.extractor(layers), backbone.transform, rows, precision=precision,
@@ -132,7 +130,7 @@ def _read_bytes(batch, source):
     """On the driver's node: each row's file bytes (b"" with the reason when it cannot be read)."""
     source, data, failures = _resolved(source), [], []
     for row in batch["data"]:
-        path = _file_of(source, int(row))
+        path = source.file(int(row))
         try:
             data.append(read_image_bytes(path) if path is not None else b"")
             failures.append("")
@@ -148,39 +146,32 @@ def _resolved(source):
     return ray.get(source) if isinstance(source, ray.ObjectRef) else source
 
 
-def _file_of(source, row):
-    """The file a row's image is read from, or None when its pixels travel with the source."""
-    if getattr(source, "pixels", None) is not None:
-        return None
-    return source.root / source.ids[row] if hasattr(source, "root") else source.paths[row]
+class _Shipped:
+    """The rows of one batch whose bytes the driver's node read (_read_bytes), as an image source indexed
+    by position in the batch; a row whose pixels are in the source loads from it."""
+
+    def __init__(self, batch, source):
+        self.batch, self.source = batch, source
+
+    def load(self, k, draft=None):
+        row = int(self.batch["data"][k])
+        if self.source.file(row) is None:
+            return self.source.load(row, draft)
+        if self.batch["read_failure"][k]:
+            raise ImageDecodeError(str(self.batch["read_failure"][k]))
+        return load_bytes(bytes(self.batch["bytes"][k]), draft)
 
 
 def _decode(batch, source, transform, draft, threads=1):
-    """Rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, as codes.SourceRows,
-    decoded by `threads` threads (PIL and torch release the GIL)."""
+    """Rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, by codes.SourceRows
+    with `threads` threads."""
     source = _resolved(source)
-    items = SourceRows(source, transform, batch["data"], draft)
-
-    def one(k):
-        row = int(batch["data"][k])
-        if "bytes" not in batch or _file_of(source, row) is None:
-            return items[k]
-        if batch["read_failure"][k]:
-            return row, items.blank(), "", str(batch["read_failure"][k])
-        return _decode_bytes(row, bytes(batch["bytes"][k]), transform, draft, items)
-
-    with ThreadPoolExecutor(threads) as pool:
-        rows, images, digests, failures = zip(*pool.map(one, range(len(batch["data"]))))
-    return {"data": np.array(rows, dtype=np.int64), "image": torch.stack(images).numpy(),
+    positions = np.arange(len(batch["data"]))
+    items = (SourceRows(_Shipped(batch, source), transform, positions, draft, threads) if "bytes" in batch
+             else SourceRows(source, transform, batch["data"], draft, threads))
+    _, images, digests, failures = zip(*items.__getitems__(positions))
+    return {"data": batch["data"].astype(np.int64), "image": torch.stack(images).numpy(),
             "sha256": np.array(digests), "failure": np.array(failures)}
-
-
-def _decode_bytes(row, data, transform, draft, items):
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return row, transform(decode_image(data, draft)), digest, ""
-    except ImageDecodeError as e:
-        return row, items.blank(), "", str(e) or "cannot decode"
 
 
 class _Codes:

@@ -1,8 +1,9 @@
 """Image sources, and the batch record that carries their images through stage one.
 
-An image source is anything with `ids` (one string per row), `len()` and
+An image source is anything with `ids` (one string per row), `len()`,
 `load(row, draft=None) -> (RGB PIL image, sha256 hex of its bytes)`, raising
-ImageDecodeError with the reason for a file that cannot be used. Two kinds:
+ImageDecodeError with the reason for a file that cannot be used, and `file(row)`:
+the file it reads (None when the pixels are in memory). Two kinds:
 
     datasets.ImageTable     a data set: rows with labels and splits (extract, sweep)
     ImageFiles(paths)       plain files, no labels (predict)
@@ -31,6 +32,8 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, row, draft=None): ...
+
+    def file(self, row): ...
 
 
 @dataclass
@@ -61,6 +64,9 @@ class ImageFiles:
 
     def load(self, row, draft=None):
         return load_file(self.paths[row], draft)
+
+    def file(self, row):
+        return self.paths[row]
 
 
 def is_image_file(path):

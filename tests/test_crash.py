@@ -61,7 +61,7 @@ def kill_when(proc, cache, batches, rng):
     while proc.poll() is None:
         assembling = cache.with_name(cache.name + ".assembling").exists()
         if batches_on_disk(cache) >= batches or assembling:
-            time.sleep(rng.uniform(0, 0.02))
+            time.sleep(rng.uniform(0, 0.003))  # within the write of the next batch, not batches later
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return True
