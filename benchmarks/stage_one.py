@@ -58,6 +58,9 @@ from pipeline.plan import draft_size
 from pipeline.store import FeatureCache
 from pipeline.train import train_head
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
+from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
+
 SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
 QUALITY = 90
 NOISE = 3.0                        # grey levels of sensor-like noise, so upscaled JPEGs carry real detail
@@ -304,16 +307,18 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
     if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
-    backbone = load_backbone("mobilenet_v2", str(weights))
     accuracy, codes = {}, {}
-    for precision in ("fp32", "bf16"):
-        features = Path(work) / f"vehicles-{precision}"
+    for precision, preprocessing in (("fp32", "fast"), ("bf16", "fast"), ("fp32", "reference")):
+        backbone = load_backbone("mobilenet_v2", str(weights), preprocessing=preprocessing)
+        run = precision if preprocessing == "fast" else f"{precision}-{preprocessing}"
+        features = Path(work) / f"vehicles-{run}"
         result = extract_features(table, backbone, ["penultimate"], features, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=False)
-        accuracy[precision] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
+        accuracy[run] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
         with FeatureCache(result.path) as cache:
-            codes[precision] = cache.features(cache.layers[0])[0]
-    return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"])}
+            codes[run] = cache.features(cache.layers[0])[0]
+    return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"]),
+            "reference_cosine": cosine(codes["fp32"], codes["fp32-reference"])}
 
 
 def machine(device):
@@ -367,6 +372,9 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
             smalls.append(fresh_extract(root, model, work=work, **run))
             tops.append(forward_rate(prepared, batches, device, setup["precision"])[0])
         del prepared
+        say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
+        steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
+                 **startup_costs(model, setup["weights"], batches[0], device, setup["precision"])}
         say("bf16: codes against fp32")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches
@@ -385,7 +393,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               "machine": machine(device),
               **speed_figures(tops, smalls, base, big if large_model == model else None),
               **memory_figures(small_memory, big, large_model),
-              **bf16_figures(similarity, compared, scores),
+              **bf16_figures(similarity, compared, scores), **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     result["targets"] = {key: {"target": target, "met": _met(key, result[key], target)}
@@ -428,7 +436,9 @@ def bf16_figures(similarity, compared, scores):
             "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
             "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
             "vehicles_bf16_cosine_mean": scores and round(float(scores["cosine"].mean()), 6),
-            "vehicles_bf16_cosine_min": scores and round(float(scores["cosine"].min()), 6)}
+            "vehicles_bf16_cosine_min": scores and round(float(scores["cosine"].min()), 6),
+            "vehicles_softmax_test_acc_fp32_reference": scores and round(scores["fp32-reference"], 4),
+            "vehicles_fast_cosine_min": scores and round(float(scores["reference_cosine"].min()), 6)}
 
 
 def _met(key, value, target):
@@ -470,6 +480,21 @@ def table_text(r):
                      f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
                      f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points); MobileNetV2 codes of bf16 to "
                      f"fp32: cosine mean {r['vehicles_bf16_cosine_mean']:.5f}, min {r['vehicles_bf16_cosine_min']:.5f}")
+    st = r["steps_ms"]
+    lines.append(f"  {'steps':<9} ms per image, one thread: decode {st['decode']:.2f}; torchvision's recipe: resize "
+                 f"{st['resize']:.2f}, crop {st['crop']:.2f}, to tensor {st['to_tensor']:.2f}, normalise "
+                 f"{st['normalise']:.2f} (with decode {st['reference_total']:.2f}); fast: one resize to uint8 "
+                 f"{st['fast_resize_crop_to_uint8']:.2f}, normalise per batch {st['fast_normalise_per_batch']:.2f} "
+                 f"(with decode {st['fast_total']:.2f})")
+    lines.append(f"  {'fidelity':<9} codes of the fast recipe against torchvision's: cosine mean {r['fast_cosine_mean']:.6f}, "
+                 f"min {r['fast_cosine_min']:.6f} ({r['fast_cosine_images']} images)")
+    if r["vehicles_softmax_test_acc_fp32_reference"] is not None:
+        lines.append(f"  {'':<9} vehicles softmax test accuracy, fp32: fast {r['vehicles_softmax_test_acc_fp32']:.4f}, "
+                     f"torchvision's recipe {r['vehicles_softmax_test_acc_fp32_reference']:.4f}; MobileNetV2 codes "
+                     f"cosine min {r['vehicles_fast_cosine_min']:.6f}")
+    lines.append(f"  {'start-up':<9} build {r['startup_build_s']:.2f} s, trace {r['startup_trace_s']:.2f} s, prepare "
+                 f"{r['startup_prepare_s']:.2f} s, first batch {r['startup_first_batch_s']:.2f} s (a later batch "
+                 f"{r['steady_batch_s']:.2f} s)")
     lines.append(f"  ({r['seconds']:.0f} s in all)")
     return "\n".join(line for line in lines if line is not None)
 

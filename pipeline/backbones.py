@@ -30,6 +30,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from .errors import ModelError, WeightsError
 from .paths import weights_tag as tag_of
+from .preprocess import fast_preprocessing
 
 POOLINGS = ("avg", "max", "avgmax", "gridK")
 _SKIP_BACK = (nn.Dropout, nn.Flatten, nn.Identity)  # no-ops in eval, walked over to find penultimate
@@ -58,7 +59,7 @@ class Backbone:
     """A frozen classifier in eval mode, with what is needed to reproduce its codes."""
     name: str
     model: nn.Module
-    transform: nn.Module      # PIL image -> normalised tensor [3, H, W]
+    transform: object         # PIL image -> uint8 [3, H, W] (preprocess.FastClassification) or normalised float
     weights: str              # "IMAGENET1K_V1", "random" or "file"
     weights_sha256: str       # of the weights file; "" for random weights
     weights_source: str       # URL, path, or "random init (seed 0)"
@@ -132,19 +133,21 @@ class Backbone:
         the traced body (the loop folds BatchNorm into it in place); a later request traces anew."""
         body = self._body({layer.node for layer in layers})
         del self._traced[("body", tuple(sorted({layer.node for layer in layers})))]
-        return Extractor(body, layers)
+        normalizer = getattr(self.transform, "normalizer", None)
+        return Extractor(body, layers, normalizer() if normalizer else None)
 
 
 class Extractor(nn.Module):
-    """All requested layers in one forward pass of `body` (a torchvision feature extractor)."""
+    """All requested layers in one forward pass of `body` (a torchvision feature extractor), after
+    `normalize` (preprocess.Normalize: uint8 images to the model's input) when given."""
 
-    def __init__(self, body, layers):
+    def __init__(self, body, layers, normalize=None):
         super().__init__()
         self.layers = list(layers)
-        self.body = body
+        self.body, self.normalize = body, normalize
 
     def forward(self, images):
-        maps = self.body(images)
+        maps = self.body(images if self.normalize is None else self.normalize(images))
         return {layer.name: pool(maps[layer.node], layer.pooling) for layer in self.layers}
 
     def fold_batchnorm(self):
@@ -256,8 +259,9 @@ def _weights_file_sha256(weights):
     return _sha256(path)
 
 
-def load_backbone(name, weights="default"):
-    """Build `name` with weights "default" (torchvision's pretrained), "none" (random) or a file path."""
+def load_backbone(name, weights="default", preprocessing="fast"):
+    """Build `name` with weights "default" (torchvision's pretrained), "none" (random) or a file path;
+    `preprocessing` "fast" (preprocess.FastClassification where it applies) or "reference" (torchvision's)."""
     if name not in classification_models():
         import difflib
         close = difflib.get_close_matches(name, classification_models(), n=3)
@@ -281,6 +285,8 @@ def load_backbone(name, weights="default"):
         _load_state_dict(model, Path(weights), name)
         backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()))
     backbone.model.eval().requires_grad_(False)
+    if preprocessing == "fast":
+        object.__setattr__(backbone, "transform", fast_preprocessing(backbone.transform))
     return backbone
 
 

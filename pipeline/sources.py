@@ -40,7 +40,7 @@ class ImageSource(Protocol):
 class Batch:
     """Rows of an image source on their way to the cache, one record from decode to writer."""
     rows: np.ndarray     # int64 [B], row indices in the source
-    images: object       # torch float32 [B, 3, H, W]: zeros where decoding failed; None once on the device
+    images: object       # torch uint8 (or float32) [B, 3, H, W]: zeros where decoding failed; None once on the device
     sha256: list         # [B] hex of each file's bytes, "" where it could not be read
     failures: list       # [B] why the image could not be decoded, "" if it was
 

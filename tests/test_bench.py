@@ -14,7 +14,9 @@ KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling",
         "rss_small_mb", "rss_large_mb", "rss_model", "model", "precision", "batch_size", "workers",
         "images", "image_sizes", "machine", "bf16_cosine_mean", "bf16_cosine_min", "jpeg_draft",
         "vehicles_softmax_test_acc_fp32", "vehicles_softmax_test_acc_bf16",
-        "vehicles_softmax_test_acc_delta_points", "vehicles_bf16_cosine_mean", "targets")
+        "vehicles_softmax_test_acc_delta_points", "vehicles_bf16_cosine_mean", "targets", "steps_ms",
+        "fast_cosine_mean", "fast_cosine_min", "startup_build_s", "startup_trace_s", "startup_prepare_s",
+        "startup_first_batch_s", "steady_batch_s")
 
 
 @pytest.fixture
@@ -82,6 +84,9 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert written["batch_size"] == 4 and written["workers"] >= 0 and written["precision"] in ("fp32", "bf16")
     assert 0.9 < written["bf16_cosine_min"] <= written["bf16_cosine_mean"] <= 1.0 + 1e-6
     assert written["vehicles_softmax_test_acc_fp32"] is None  # no MobileNetV2 weights in this shared
+    assert 0.999 < written["fast_cosine_min"] <= written["fast_cosine_mean"] <= 1.0 + 1e-6
+    assert {"decode", "resize", "crop", "to_tensor", "normalise", "fast_resize_crop_to_uint8",
+            "fast_normalise_per_batch"} <= set(written["steps_ms"])
     assert {"cpu", "cores", "torch", "threads"} <= set(written["machine"])
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_baseline", "rss_growth"}
     text = bench.table_text(written)

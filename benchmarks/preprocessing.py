@@ -1,0 +1,99 @@
+"""What preprocessing and start-up cost, and what the fast preprocessing changes (stage_one.py reports it).
+
+    steps = step_costs(table, backbone)          # ms per image of each step, one thread
+    fidelity = fast_fidelity(table, "resnet50")  # cosine of codes: fast against torchvision's recipe
+    startup = startup_costs("resnet50", "none", batch, device, "bf16")   # seconds paid once per run
+"""
+import time
+
+import numpy as np
+import torch
+
+from pipeline.backbones import load_backbone
+from pipeline.codes import prepare_model
+from pipeline.hardware import autocast_for
+from pipeline.images import decode_image, read_image_bytes
+from pipeline.plan import draft_size
+
+STEP_IMAGES = 64
+
+
+def _per_image_ms(function, items):
+    t0 = time.perf_counter()
+    out = [function(item) for item in items]
+    return (time.perf_counter() - t0) / len(items) * 1e3, out
+
+
+def step_costs(table, model="resnet50", images=STEP_IMAGES):
+    """ms per image, on one thread, of each step of torchvision's recipe and of the fast one."""
+    import torchvision.transforms.functional as F
+
+    reference = load_backbone(model, "none", preprocessing="reference").transform
+    fast = load_backbone(model, "none").transform
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        files = [table.file(i) for i in range(min(images, len(table)))]
+        ms, data = _per_image_ms(read_image_bytes, files)
+        costs = {"read": ms}
+        costs["decode"], pictures = _per_image_ms(lambda d: decode_image(d, draft_size(reference)), data)
+        costs["resize"], resized = _per_image_ms(
+            lambda p: F.resize(p, reference.resize_size, interpolation=reference.interpolation), pictures)
+        costs["crop"], cropped = _per_image_ms(lambda p: F.center_crop(p, reference.crop_size), resized)
+        costs["to_tensor"], tensors = _per_image_ms(
+            lambda p: F.convert_image_dtype(F.pil_to_tensor(p), torch.float), cropped)
+        costs["normalise"], _ = _per_image_ms(lambda t: F.normalize(t, reference.mean, reference.std), tensors)
+        costs["fast_resize_crop_to_uint8"], small = _per_image_ms(fast, pictures)
+        normalize = fast.normalizer()
+        t0 = time.perf_counter()
+        normalize(torch.stack(small))
+        costs["fast_normalise_per_batch"] = (time.perf_counter() - t0) / len(small) * 1e3
+    finally:
+        torch.set_num_threads(before)
+    costs["reference_total"] = sum(costs[k] for k in ("decode", "resize", "crop", "to_tensor", "normalise"))
+    costs["fast_total"] = costs["decode"] + costs["fast_resize_crop_to_uint8"] + costs["fast_normalise_per_batch"]
+    return {key: round(value, 3) for key, value in costs.items()}
+
+
+def fast_fidelity(table, model, device, precision, images=128):
+    """Cosine of the penultimate codes of the first `images` rows, fast preprocessing against torchvision's."""
+    codes = {}
+    for preprocessing in ("reference", "fast"):
+        backbone = load_backbone(model, "none", preprocessing=preprocessing)
+        [layer] = backbone.resolve(["penultimate"])
+        extractor = prepare_model(backbone.extractor([layer]), device)
+        out = []
+        with torch.inference_mode(), autocast_for(device, precision):
+            for lo in range(0, min(images, len(table)), 32):
+                batch = [backbone.transform(table.load(i, draft_size(backbone.transform))[0])
+                         for i in range(lo, min(images, len(table), lo + 32))]
+                out.append(extractor(torch.stack(batch).to(device))[layer.name].float().cpu().numpy())
+        codes[preprocessing] = np.concatenate(out)
+    a, b = codes["reference"].astype(np.float64), codes["fast"].astype(np.float64)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return {"fast_cosine_mean": round(float(cosine.mean()), 6), "fast_cosine_min": round(float(cosine.min()), 6),
+            "fast_cosine_images": len(cosine)}
+
+
+def startup_costs(model, weights, batch, device, precision):
+    """Seconds a run pays once: building the backbone, tracing its graph for the layer, preparing the
+    extractor (BatchNorm folded, moved), its first batch; and a later batch, for scale."""
+    t0 = time.perf_counter()
+    backbone = load_backbone(model, weights)
+    built = time.perf_counter()
+    [layer] = backbone.resolve(["penultimate"])
+    extractor = backbone.extractor([layer])
+    traced = time.perf_counter()
+    extractor = prepare_model(extractor, device)
+    prepared = time.perf_counter()
+    times = []
+    with torch.inference_mode(), autocast_for(device, precision):
+        for _ in range(3):
+            t1 = time.perf_counter()
+            extractor(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t1)
+    return {"startup_build_s": round(built - t0, 3), "startup_trace_s": round(traced - built, 3),
+            "startup_prepare_s": round(prepared - traced, 3), "startup_first_batch_s": round(times[0], 3),
+            "steady_batch_s": round(min(times[1:]), 3)}
