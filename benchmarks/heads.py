@@ -14,7 +14,6 @@ test: nothing here is asserted.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,9 @@ from pipeline.cli import BYTES
 from pipeline.layer_codes import default_memory_budget, resolve_layer
 from pipeline.store import FeatureCache
 from pipeline.store.cache import write_cache_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
+from measure import peak_rss_mb  # noqa: E402
 
 HEADS = ("softmax", "svm", "linear")
 SIZES = (10_000, 100_000, 1_000_000)
@@ -74,7 +76,7 @@ def child_train(cache, layer, head, solver, out, exact=False, memory_budget=None
     t0 = time.perf_counter()
     result = train_head(cache, layer, head, out_dir=out, solver=solver, memory_budget=memory_budget)
     figures = {"seconds": round(time.perf_counter() - t0, 2), "protocol_seconds": result["seconds"],
-               "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "maxrss_mb": round(peak_rss_mb(), 1),
                "C": result["C"], "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
                "solver": result["solver"], "streamed": result["streamed"], "select_rows": result["select_rows"],
                "n_train": result["n_train"], "layer": result["layer"]}

@@ -29,7 +29,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from pipeline.store import FeatureCache
 from pipeline.train import train_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
+from measure import peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
 
 SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
@@ -241,7 +241,7 @@ def child_extract(data_dir, name, model, weights, features_dir, device, precisio
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "maxrss_mb": peak_rss_mb()}
 
 
 def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work):
@@ -424,7 +424,7 @@ def memory_figures(small, big, large_model):
     return {"rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
             "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
             "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model": large_model,
-            "rss_what": "ru_maxrss of a fresh extract process; tree_pss: it and any decode workers, sampled",
+            "rss_what": "peak RSS (VmHWM) of a fresh extract process; tree_pss: it and any decode workers, sampled",
             "tree_pss_small_mb": round(small["tree_pss_mb"], 1), "tree_pss_large_mb": round(big["tree_pss_mb"], 1)}
 
 
