@@ -9,8 +9,8 @@ work against what is on disk (plan.py), then stream (batch, codes) pairs (codes.
 ray_engine.py on a Ray cluster) into the cache's crash-safe partial folder (store), one
 batch file each, written by a thread while the next batch runs. Memory does not grow
 with the data set; a killed run resumes after its last whole batch; an image that
-cannot be decoded is skipped with its reason. `benchmarks/stage_one.py` measures the loop against the forward
-pass alone.
+cannot be decoded is skipped with its reason. `benchmarks/stage_one.py` measures the
+loop against the forward pass alone.
 """
 import sys
 import time
@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import data_checks, note
-from .errors import PipelineError
 from .codes import iter_codes
+from .errors import PipelineError
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
