@@ -30,7 +30,6 @@ from .sources import Batch
 __all__ = ["RayEngine", "DATA_PLACES", "connect", "ray_codes"]
 
 DATA_PLACES = ("shared", "driver")
-BATCHES_PER_BLOCK = 1   # rows of the driver's listing per Ray block, in batches: one, so codes stream back early
 
 
 def _ray():
@@ -45,8 +44,8 @@ def connect(address=None):
     """Join the Ray cluster at `address` ("auto", "host:port"; None: RAY_ADDRESS, else a local Ray)."""
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-                 include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None)
+        cluster = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=cluster, log_to_driver=False, **({} if cluster else {"include_dashboard": False}))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the writer takes rows in the order of the listing
     context.enable_progress_bars = False             # the driver's own bar counts written rows
@@ -82,7 +81,7 @@ class RayEngine:
 
     def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
         return ray_codes(source, backbone.extractor(layers), backbone.transform, rows, precision=precision,
-                         batch_size=batch_size, draft=draft, data=self.data)
+                         batch_size=batch_size, draft=draft, data=self.data, gpus=self.gpus)
 
 
 def _resolve_on_worker(precision):
@@ -91,21 +90,21 @@ def _resolve_on_worker(precision):
     return resolve_precision(precision, device), describe_device(device)
 
 
-def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draft=None, data="shared"):
+def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draft=None, data="shared", gpus=0):
     """Yield (Batch, {layer name: codes [B, D] float32}) for `rows` of `source`, in order, computed on the
-    cluster joined by `connect`. The codes of a row whose failure is not "" are meaningless (as iter_codes)."""
+    cluster joined by `connect` (with `gpus` GPUs). The codes of a row whose failure is not "" are
+    meaningless (as iter_codes)."""
     ray = _ray()
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return
-    blocks = max(1, -(-len(rows) // (batch_size * BATCHES_PER_BLOCK)))
+    blocks = -(-len(rows) // batch_size)  # a block per batch: the first codes come back after one batch
     dataset = ray.data.from_numpy(rows).repartition(blocks)  # column "data": the rows
     source_ref, model_ref = ray.put(source), ray.put(extractor)
     if data == "driver":  # read where the files are: tasks on the driver's own node
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
                                       label_selector=here)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:  # decoding in tasks of their own, on any node's CPUs, while the GPUs compute
         dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
                                       batch_format="numpy", ray_remote_args_fn=_one_cpu)
