@@ -19,7 +19,7 @@ resolving layers and extracting them trace once per request.
 """
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -286,7 +286,7 @@ def load_backbone(name, weights="default", preprocessing="fast"):
         backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()))
     backbone.model.eval().requires_grad_(False)
     if preprocessing == "fast":
-        object.__setattr__(backbone, "transform", fast_preprocessing(backbone.transform))
+        backbone = replace(backbone, transform=fast_preprocessing(backbone.transform))
     return backbone
 
 

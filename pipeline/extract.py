@@ -80,13 +80,14 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         seconds = time.perf_counter() - t0
         rows = len(plan.todo) - start
         rate = rows / seconds if seconds > 0 else 0.0
-        writer.finish({"device": runner.describe(), "engine": engine, "batch_size": batch_size,
-                       "num_workers": getattr(runner, "num_workers", 0), "images_per_s": round(rate, 2),
+        where = runner.describe()
+        writer.finish({"device": where, "engine": engine, "batch_size": batch_size,
+                       "num_workers": runner.num_workers, "images_per_s": round(rate, 2),
                        "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
     message = (f"{plan.note}{status} {rows} images -> {path} ({', '.join(plan.settings['layers'])}; "
-               f"{precision} on {runner.describe()}, {rate:.1f} images/s){found and chr(10) + found}")
+               f"{precision} on {where}, {rate:.1f} images/s){found and chr(10) + found}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
 
 

@@ -54,6 +54,7 @@ def connect(address=None):
 
 class RayEngine:
     """Stage one's codes computed on a Ray cluster (see the module docstring)."""
+    num_workers = 0  # no decoding processes of the driver's own: the cluster decodes
 
     def __init__(self, address=None, data="shared"):
         if data not in DATA_PLACES:
