@@ -12,6 +12,7 @@ classes in a 64-D latent space, mapped to D features through a random matrix and
 ReLU, like CNN codes), seeded, made once under bench/heads/ and kept. A script, not a
 test: nothing here is asserted.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -36,11 +37,12 @@ DIM, CLASSES, LATENT = 2048, 100, 64
 SEPARATION = 0.45          # class means' spread in the latent space: test accuracy about 0.8
 BLOCK = 16_384             # rows generated and written at a time
 SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
+ROWS_VERSION = "r2"        # in the file name: r2 rows carry path-like ids, sizes and content hashes
 
 
 def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
     """A cache file of n class-structured rows (made once; its name says how) -> its path."""
-    path = Path(folder) / "synthetic" / f"gauss-n{n}-d{d}-k{k}-s{seed}.h5"
+    path = Path(folder) / "synthetic" / f"gauss-n{n}-d{d}-k{k}-s{seed}-{ROWS_VERSION}.h5"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +59,10 @@ def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
             layers["penultimate"][lo:lo + len(y)] = np.maximum(
                 z @ mixing + rng.normal(0.0, 0.5, (len(y), d)).astype(np.float32), 0.0)
 
-    columns = {"labels": labels, "ids": [str(i) for i in range(n)], "split": split, "stamp": [""] * n,
-               "sha256": [""] * n}
+    ids = [f"c{label:03d}/{i:08d}.jpg" for i, label in enumerate(labels)]  # as long as real ids and hashes
+    stamps = [f"{90_000 + i}:1764633600000000000" for i in range(n)]  # size:mtime_ns
+    columns = {"labels": labels, "ids": ids, "split": split, "stamp": stamps,
+               "sha256": [hashlib.sha256(id_.encode()).hexdigest() for id_ in ids]}
     attrs = {"dataset": f"gauss-{n}", "model": "synthetic", "weights": "random", "penultimate": "penultimate",
              "settings": {"layers": ["penultimate"], "seed": seed}, "precision": "fp32"}
     tmp = path.with_name(path.name + ".tmp")

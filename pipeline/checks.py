@@ -29,8 +29,11 @@ def duplicate_groups(ids, sha256, labels, split, class_names):
 
 
 def data_checks(cache, limit=LIMIT):
-    """What a report shows about a cache's data: skipped images and duplicate groups."""
-    groups = duplicate_groups(cache.ids, cache.sha256, cache.labels, cache.split, cache.class_names)
+    """What a report shows about a cache's data: skipped images and duplicate groups. Only the rows that
+    may share a hash are read as strings, so a cache of millions of rows costs a few bytes a row."""
+    rows = cache.rows_sharing_content()
+    groups = duplicate_groups(cache.ids_of(rows), cache.sha256_of(rows), cache.labels[rows], cache.split[rows],
+                              cache.class_names)
     for g in groups:
         g["across_splits"], g["conflicting_labels"] = len(set(g["splits"])) > 1, len(set(g["labels"])) > 1
     train = {g["sha256"] for g in groups if "train" in g["splits"]}

@@ -47,13 +47,13 @@ class Scaler:
 
 
 class CachedLayer:
-    """The codes of one layer of a finished cache, its labels, splits and ids, and the cache's word on them."""
+    """The codes of one layer of a finished cache, its labels and splits, and the cache's word on them."""
     block_bytes = BLOCK_BYTES
 
     def __init__(self, path, layer, memory_budget=None):
         with FeatureCache(path) as cache:
             self.layer = resolve_layer(cache, layer)
-            self.path, self.labels, self.split, self.ids = str(path), cache.labels, cache.split, cache.ids
+            self.path, self.labels, self.split = str(path), cache.labels, cache.split
             self.class_names, self.attrs = cache.class_names, cache.attrs
             self.depth = cache.layer_attrs(self.layer).get("depth")
             self.checks = data_checks(cache)
@@ -65,6 +65,11 @@ class CachedLayer:
     def _read_all(self):
         with FeatureCache(self.path) as cache:
             return cache.features(self.layer)[0]
+
+    def ids_of(self, rows):
+        """The ids of `rows` (increasing indices), read from the cache: ids are not kept in memory."""
+        with FeatureCache(self.path) as cache:
+            return cache.ids_of(rows)
 
     def rows(self, *splits):
         """Indices of the rows in `splits`, in cache order."""

@@ -87,8 +87,8 @@ class DataChange:
 
     @classmethod
     def between(cls, cache, table):
-        index = {id_: k for k, id_ in enumerate(cache.ids)}
-        stamps, skipped = cache.stamps, {id_ for id_, _ in cache.skipped}
+        ids, stamps, skipped = cache.ids, cache.stamps, {id_ for id_, _ in cache.skipped}
+        index = {id_: k for k, id_ in enumerate(ids)}
         new, changed, relabelled, retried, kept_rows, kept_from = [], [], [], [], [], []
         for row, id_ in enumerate(table.ids):
             k = index.get(id_)
@@ -102,7 +102,7 @@ class DataChange:
                 if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]:
                     relabelled.append(id_)
         listed = set(table.ids)
-        removed = [id_ for id_ in cache.ids if id_ not in listed]
+        removed = [id_ for id_ in ids if id_ not in listed]
         return cls(new, removed, changed, relabelled, retried, np.array(kept_rows, dtype=np.int64),
                    np.array(kept_from, dtype=np.int64))
 

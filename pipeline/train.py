@@ -92,14 +92,15 @@ def score_head(model, codes):
     labels = list(range(len(names)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     wrong = np.flatnonzero(y_pred != y_true)[:MISCLASSIFIED_LISTED]
+    wrong_ids = codes.ids_of(rows[wrong])
     return {"test_accuracy": float(accuracy_score(y_true, y_pred)),
             "test_balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
             "test_macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
             "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                           for n, p, r, f, s in zip(names, precision, recall, f1, support)],
-            "misclassified": [{"id": str(codes.ids[rows[i]]), "true": names[y_true[i]],
-                               "predicted": names[y_pred[i]]} for i in wrong]}
+            "misclassified": [{"id": id_, "true": names[y_true[i]], "predicted": names[y_pred[i]]}
+                              for i, id_ in zip(wrong, wrong_ids)]}
 
 
 def _score_kind(head):

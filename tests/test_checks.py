@@ -12,8 +12,18 @@ NAMES = ["bus", "car"]
 
 
 class FakeCache:
+    """FeatureCache's reading API over arrays; every row is a candidate (the cache's superset, at its widest)."""
     ids, sha256, labels, split, class_names = IDS, np.array(SHA), LABELS, SPLIT, NAMES
     skipped = [("x.jpg", "truncated image data")]
+
+    def rows_sharing_content(self):
+        return np.arange(len(self.ids))
+
+    def ids_of(self, rows):
+        return [self.ids[r] for r in rows]
+
+    def sha256_of(self, rows):
+        return [self.sha256[r] for r in rows]
 
 
 def test_duplicate_groups_by_content():

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.checks import data_checks
 from pipeline.errors import CacheError, IncompleteCacheError
 from pipeline.sources import Batch
 from pipeline.store import (CACHE_FORMAT, HEAD_FORMAT, FeatureCache, PartialCache, Reuse, partial, partial_path,
@@ -126,6 +127,33 @@ def test_round_trip_layer_attrs(tmp_path):
     with FeatureCache(path) as cache:
         assert cache.layer_attrs("pool") == {"node": "classifier.0", "pooling": "avg", "raw_shape": [6]}
         assert cache.layer_attrs("mid") == {"node": "features.3", "pooling": "max", "raw_shape": [3, 4, 4]}
+
+
+def test_per_row_text_is_read_compactly_and_by_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.cache._TEXT_ROWS", 4)  # several blocks of rows
+    path = tmp_path / "veh" / "m.h5"
+    build_cache(path)
+    with FeatureCache(path) as cache:
+        assert cache.split.dtype.kind == "U" and list(cache.split) == SPLIT  # no Python string per row
+        assert cache.ids_of([0, 2, 7]) == [IDS[0], IDS[2], IDS[7]] and cache.ids_of([]) == []
+
+
+def test_rows_sharing_content_finds_every_duplicate(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.cache._TEXT_ROWS", 4)  # duplicates in different blocks
+    a, b, c = "a" * 64, "0123456789abcdef" + "1" * 48, "0123456789abcdef" + "2" * 48  # b, c: same first 16 digits
+    sha = [a, "", c, "f" * 64, a, "", b, "e" * 64, "d" * 64, a, "9" * 64]
+    path = tmp_path / "veh" / "m.h5"
+    writer = create(path)
+    for lo in range(0, N, 4):
+        hi = min(lo + 4, N)
+        append(writer, {name: v[lo:hi] for name, v in codes().items()}, sha256=sha[lo:hi])
+    writer.finish({})
+    with FeatureCache(path) as cache:
+        candidates = cache.rows_sharing_content()
+        assert list(candidates) == [0, 2, 4, 6, 9]  # a three times; b and c share a key, not a hash; "" never
+        assert cache.sha256_of(candidates) == [a, c, a, b, a]
+        checks = data_checks(cache)
+    assert checks["n_duplicate_groups"] == 1 and checks["groups"][0]["ids"] == [IDS[0], IDS[4], IDS[9]]
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])

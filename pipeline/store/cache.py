@@ -29,6 +29,7 @@ TEXT = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 512 * 1024  # h5py advises chunks of 10 KiB - 1 MiB
 _COPY_ROWS = 8192  # rows per block when copying reused rows
 _BLOCK_BYTES = 64 * 2**20  # codes read at once when a layer is streamed
+_TEXT_ROWS = 65_536  # rows of a text column read at a time: no Python string per row is kept
 
 
 def to_attr(value):
@@ -136,14 +137,45 @@ class FeatureCache:
         self.attrs = read_attrs(self.h5)
         self.class_names = self.attrs["class_names"]
         self.labels = self.h5["labels"][:]
-        self.ids = self.h5["ids"].asstr()[:]
-        self.split = self.h5["split"].asstr()[:]
+        self.split = _fixed_width(self.h5["split"])  # numpy str array: a few bytes a row, not a Python str
         self.layers = list(self.h5["layers"].keys())
+
+    @property
+    def ids(self):
+        """Every row's id, read from the file on each use (millions of rows: see `ids_of`)."""
+        return self.h5["ids"].asstr()[:]
+
+    def ids_of(self, rows):
+        """The ids of `rows` (increasing indices) only."""
+        return _text_rows(self.h5["ids"], rows)
 
     @property
     def sha256(self):
         """Content hash per row (hex)."""
         return self.h5["sha256"].asstr()[:]
+
+    def sha256_of(self, rows):
+        return _text_rows(self.h5["sha256"], rows)
+
+    def rows_sharing_content(self):
+        """Rows whose content hash may be shared with another row: a superset, found from a 64-bit key of
+        the first 16 hex digits read chunk by chunk (16 bytes a row in memory, not a Python string);
+        compare `sha256_of` these rows to group them exactly."""
+        ds, keys, rows = self.h5["sha256"], [], []
+        for lo in range(0, ds.shape[0], _TEXT_ROWS):
+            text = np.asarray(ds[lo:lo + _TEXT_ROWS], dtype="S16")  # the first 16 characters, as bytes
+            known = np.flatnonzero(text != b"")
+            halves = np.ascontiguousarray(text[known]).view(np.uint64).reshape(-1, 2)
+            keys.append(halves[:, 0] ^ (halves[:, 1] * np.uint64(0x9E3779B97F4A7C15)))  # wraps: a hash, not a sum
+            rows.append(lo + known)
+        if not keys:
+            return np.zeros(0, dtype=np.int64)
+        keys, rows = np.concatenate(keys), np.concatenate(rows)
+        order = np.argsort(keys, kind="stable")
+        same = keys[order][1:] == keys[order][:-1]        # sorted neighbours with equal keys
+        shared = np.zeros(len(keys), dtype=bool)
+        shared[order[1:][same]] = shared[order[:-1][same]] = True
+        return np.sort(rows[shared])
 
     @property
     def stamps(self):
@@ -184,6 +216,18 @@ class FeatureCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _fixed_width(ds):
+    """A text column as a numpy str array (fixed width), read in blocks of rows."""
+    parts = [np.asarray(ds.asstr()[lo:lo + _TEXT_ROWS], dtype=str) for lo in range(0, ds.shape[0], _TEXT_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
+
+
+def _text_rows(ds, rows):
+    """The strings of `rows` (increasing indices) of a text column."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return list(ds.asstr()[rows]) if len(rows) else []
 
 
 def _explain_missing(path):
