@@ -42,8 +42,16 @@ class Scaler:
         return cls(mean, np.where(scale < 1e-12 * np.maximum(np.abs(mean), 1.0), 1.0, scale))
 
     def __call__(self, X):
-        """Standardised float32 copy of X (float32 arithmetic: a copy of the block, no more)."""
-        return (np.asarray(X, dtype=np.float32) - self.mean.astype(np.float32)) / self.scale.astype(np.float32)
+        """Standardised float32 copy of X: one new array (float32 arithmetic), no temporaries."""
+        return self.in_place(np.array(X, dtype=np.float32))
+
+    def in_place(self, X):
+        """X, a float32 array of the caller's own (a fancy-indexed copy), standardised in place -> X. Fresh
+        memory costs a page fault per 4 KiB on first touch: at 50,000 x 1280 codes, writing into X takes
+        a fifth of the time of two new arrays."""
+        X -= self.mean.astype(np.float32)
+        X /= self.scale.astype(np.float32)
+        return X
 
 
 class CachedLayer:
@@ -97,11 +105,11 @@ class CachedLayer:
     def matrix(self, rows, scaler):
         """Standardised codes of `rows` (increasing indices) [len(rows), D], gathered in one pass."""
         if self.in_memory:
-            return scaler(self.X[rows])
+            return scaler.in_place(self.X[rows])
         out, at = np.empty((len(rows), self.d), dtype=np.float32), 0
         for lo, X in self._blocks():
             take = rows[(rows >= lo) & (rows < lo + len(X))]
-            out[at:at + len(take)] = scaler(X[take - lo])
+            out[at:at + len(take)] = scaler.in_place(X[take - lo])
             at += len(take)
         return out
 
@@ -111,7 +119,7 @@ class CachedLayer:
         for lo, X in self._blocks():
             keep = np.flatnonzero(wanted[lo:lo + len(X)])
             if len(keep):
-                yield lo + keep, scaler(X[keep])
+                yield lo + keep, scaler.in_place(X[keep])
 
     def batches(self, splits, scaler, batch_size, seed):
         """Shuffled minibatches (standardised X [B, D], y [B]) of the rows in `splits`, one epoch. In
@@ -121,7 +129,7 @@ class CachedLayer:
             rows = rng.permutation(self.rows(*splits))
             for lo in range(0, len(rows), batch_size):
                 take = np.sort(rows[lo:lo + batch_size])
-                yield scaler(self.X[take]), self.labels[take]
+                yield scaler.in_place(self.X[take]), self.labels[take]
             return
         for rows, X in self.blocks(splits, scaler):
             order = rng.permutation(len(rows))

@@ -67,8 +67,7 @@ def select_and_refit(head, codes, progress=None, seed=0, device="auto"):
     subsample = len(rows) < len(codes.rows("train"))
     raw = codes.matrix(rows, Scaler(np.zeros(codes.d), np.ones(codes.d)))  # one pass, even when streamed
     scaler = _scaler_of(raw)
-    X, y, k = scaler(raw), codes.labels[rows], len(codes.class_names)
-    del raw
+    X, y, k = scaler.in_place(raw), codes.labels[rows], len(codes.class_names)
     coarse = _fit_grid(head, X, y, k, COARSE_GRID, run)
     grid = _val_accuracy(coarse, codes, scaler, run)
     best = _best(grid)

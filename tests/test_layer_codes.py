@@ -58,3 +58,20 @@ def test_batches_give_every_row_of_the_splits_once(layers, which):
     want = layers[2][rows]
     np.testing.assert_allclose(X[order], want[np.lexsort(want.T)], rtol=1e-6)
     assert sorted(np.concatenate([y for _, y in seen])) == sorted(layer.labels[rows])
+
+
+def test_standardising_leaves_the_cached_codes_as_they_are(layers):
+    in_memory, _, X = layers
+    before = in_memory.X.copy()
+    scaler = in_memory.scaler("train", "val")
+    rows = in_memory.rows("train", "val")
+    want = (X[rows].astype(np.float64) - scaler.mean) / scaler.scale
+    np.testing.assert_allclose(in_memory.matrix(rows, scaler), want, rtol=1e-5, atol=1e-5)
+    for _ in in_memory.batches(("train",), scaler, 16, seed=0):
+        pass
+    list(in_memory.blocks(("test",), scaler))
+    np.testing.assert_array_equal(in_memory.X, before)  # every standardised copy was the caller's own
+    raw = X[:4].astype(np.float32)
+    np.testing.assert_allclose(scaler(raw), (raw - scaler.mean) / scaler.scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(raw, X[:4].astype(np.float32))  # __call__ copies; in_place writes
+    assert scaler.in_place(raw) is raw
