@@ -16,6 +16,7 @@ to the driver in the order of `rows` (`preserve_order`), so the writer appends
 them exactly as on one machine: every row once, a killed driver resumes after its
 last whole batch. Ray restarts a killed actor and retries a lost task.
 """
+import logging
 import os
 
 import numpy as np
@@ -30,6 +31,8 @@ from .sources import Batch
 __all__ = ["RayEngine", "DATA_PLACES", "connect", "ray_codes"]
 
 DATA_PLACES = ("shared", "driver")
+QUIET = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}  # Ray's loggers, and the least
+# level they print at on the driver
 
 
 def _ray():
@@ -45,10 +48,13 @@ def connect(address=None):
     ray = _ray()
     if not ray.is_initialized():
         cluster = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=cluster, log_to_driver=False, **({} if cluster else {"include_dashboard": False}))
+        ray.init(address=cluster, log_to_driver=False, logging_level=logging.WARNING,
+                 **({} if cluster else {"include_dashboard": False}))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the writer takes rows in the order of the listing
     context.enable_progress_bars = False             # the driver's own bar counts written rows
+    for name, level in QUIET.items():  # after ray.data's import, which sets its loggers up; the driver's
+        logging.getLogger(name).setLevel(level)  # own bar and message say what Ray's INFO lines say
     return ray
 
 
