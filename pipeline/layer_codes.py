@@ -46,9 +46,8 @@ class Scaler:
         return self.in_place(np.array(X, dtype=np.float32))
 
     def in_place(self, X):
-        """X, a float32 array of the caller's own (a fancy-indexed copy), standardised in place -> X. Fresh
-        memory costs a page fault per 4 KiB on first touch: at 50,000 x 1280 codes, writing into X takes
-        a fifth of the time of two new arrays."""
+        """X, a float32 array of the caller's own (a fancy-indexed copy), standardised in place -> X: no new
+        memory, whose first touch (a page fault per page) costs more than the arithmetic."""
         X -= self.mean.astype(np.float32)
         X /= self.scale.astype(np.float32)
         return X
