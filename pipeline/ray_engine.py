@@ -71,9 +71,12 @@ class RayEngine:
         self._where = None
 
     def precision(self, precision):
-        """`precision` resolved ("auto") where the backbone runs: in a task on a GPU (or CPU) of the cluster
-        (about 2 s: the task's process imports torch), or as given."""
+        """`precision` resolved ("auto") where the backbone runs, or as given. On a cluster without GPUs,
+        where every node with a CPU runs an actor, this very process answers when its node is one of
+        them; else a task on a GPU (or CPU) of the cluster does (about 2 s: its process imports torch)."""
         if precision != "auto":
+            return resolve_precision(precision, self.device)
+        if not self.gpus and self.ray.get_runtime_context().get_node_id() in _cpu_nodes(self.ray):
             return resolve_precision(precision, self.device)
         task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
         resolved, self._where = self.ray.get(task.remote(precision))
@@ -89,6 +92,11 @@ class RayEngine:
     def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
         return ray_codes(source, backbone.extractor(layers), backbone.transform, rows, precision=precision,
                          batch_size=batch_size, draft=draft, data=self.data, gpus=self.gpus)
+
+
+def _cpu_nodes(ray):
+    """Ids of the live nodes with a CPU: where the actors of a cluster without GPUs run, one each."""
+    return [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1]
 
 
 def _resolve_on_worker(precision):
@@ -115,7 +123,7 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
     if gpus:  # decoding in tasks of their own, on any node's CPUs, while the GPUs compute
         dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
                                       batch_format="numpy", ray_remote_args_fn=_one_cpu)
-    actors = gpus or len([node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1])
+    actors = gpus or len(_cpu_nodes(ray))
     decode = None if gpus else (source_ref, transform, draft)
     dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision, decode), batch_size=batch_size,
                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, actors)),

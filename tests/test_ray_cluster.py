@@ -53,3 +53,12 @@ def test_two_nodes_share_the_decoding_and_the_gpu_actor_is_scheduled(two_nodes, 
     assert "ray: 2 node(s), 1 GPU(s)" in result.message
     assert len(raylets) >= 2, f"decoding ran under {len(raylets)} raylet(s)"
     assert_same_cache(read(result.path), reference)
+
+
+def test_auto_precision_is_resolved_where_the_model_runs(two_nodes):
+    from pipeline.extract import LocalEngine
+    from pipeline.ray_engine import RayEngine
+    engine = RayEngine(two_nodes)
+    assert engine.gpus == 1
+    assert engine.precision("auto") == LocalEngine("cpu").precision("auto")  # by a task on the GPU node
+    assert "actors on cpu:" in engine.describe()  # that task's answer: no CUDA there, its CPU

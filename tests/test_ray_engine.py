@@ -92,6 +92,14 @@ def assert_same_cache(got, expected):
     assert_same_codes(codes, expected[3], rtol=1e-4)
 
 
+def test_auto_precision_on_a_cpu_cluster_is_the_drivers_own(cluster, monkeypatch):
+    from pipeline import ray_engine
+    from pipeline.extract import LocalEngine
+    engine = ray_engine.RayEngine(cluster)
+    monkeypatch.setattr(engine.ray, "remote", None)  # no task: this node runs an actor, and answers for it
+    assert engine.gpus == 0 and engine.precision("auto") == LocalEngine("cpu").precision("auto")
+
+
 @pytest.mark.parametrize("data", ["shared", "driver"])
 def test_ray_makes_the_local_cache(cluster, toy, local_cache, tmp_path, data):
     result = extract(toy, tmp_path, "ray", ray_address=cluster, ray_data=data)
