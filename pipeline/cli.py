@@ -89,10 +89,11 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .extract import extract_features
+    from .extract import check_engine_options, extract_features
 
     if update and rebuild:
         raise click.UsageError("--update and --rebuild exclude each other: choose one")
+    check_engine_options(engine, device, workers)
     table = load_dataset(dataset, data_dir, drop_duplicates=drop_duplicates)
     backbone = load_backbone(model, weights)
     try:
@@ -170,8 +171,10 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     from .backbones import load_backbone
     from .datasets import load_dataset
     from .report import write_report
+    from .extract import check_engine_options
     from .sweep import run_sweep
 
+    check_engine_options(engine, device, workers)
     table = load_dataset(dataset, data_dir)
     backbone = load_backbone(model, weights)
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
@@ -207,8 +210,10 @@ def report(features_dir, reports_dir, data_dir):
 @_engine_options
 def predict(head_file, inputs, out, weights, device, batch_size, engine, ray_address, ray_data):
     """Classify image files or folders with the head's backbone; write path,label,score."""
+    from .extract import check_engine_options
     from .predict import predict_files
 
+    check_engine_options(engine, device)
     n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size,
                                engine=engine, ray_address=ray_address, ray_data=ray_data)
     click.echo(f"classified {n} images -> {out}" + (f" ({skipped} unreadable, listed with the reason)" if skipped else ""))

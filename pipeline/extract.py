@@ -34,7 +34,8 @@ from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
 from .store import H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, read_partial_settings
 
-__all__ = ["ENGINES", "ExtractResult", "LocalEngine", "extract_features", "library_versions", "open_engine"]
+__all__ = ["ENGINES", "ExtractResult", "LocalEngine", "check_engine_options", "extract_features", "library_versions",
+           "open_engine"]
 
 
 @dataclass
@@ -96,12 +97,21 @@ ENGINES = ("local", "ray")
 
 def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_data="shared"):
     """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then)."""
+    check_engine_options(engine, device, num_workers)
     if engine == "ray":
         from .ray_engine import RayEngine
         return RayEngine(ray_address, ray_data)
     if engine != "local":
         raise PipelineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     return LocalEngine(device, num_workers)
+
+
+def check_engine_options(engine, device="auto", num_workers=None):
+    """Refuse the local engine's options given to the Ray one (PipelineError), before anything is loaded."""
+    if engine == "ray" and (device != "auto" or num_workers is not None):
+        given = f"--device {device}" if device != "auto" else f"--workers {num_workers}"
+        raise PipelineError(f"{given} is for the local engine: on Ray the model runs on the cluster's GPUs "
+                            "(else its CPUs) and the cluster decodes; leave it out with --engine ray")
 
 
 class LocalEngine:

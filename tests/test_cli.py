@@ -17,6 +17,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     message = one_line_error(invoke("extract", "--dataset", "digits", "--model", "resnet18",
                                     "--weights", tmp_path / "missing.pth", "--data-dir", tmp_path))
     assert "missing.pth not found" in message
+    for command in (("extract", "--dataset", "nope"), ("sweep", "--dataset", "nope"), ("predict", "x.h5", "y")):
+        message = one_line_error(invoke(*command, "--engine", "ray", "--device", "cuda"))  # before any loading
+        assert "--device cuda is for the local engine" in message
 
 
 def test_taps_and_models_list():

@@ -208,3 +208,11 @@ def test_the_graph_is_traced_once_per_request(folder, monkeypatch):
     result = run(folder, load_backbone("resnet18", "none"), ["penultimate", "layer2:max"])
     assert result.status == "extracted"
     assert sorted(calls) == ["create_feature_extractor", "get_graph_node_names"]
+
+
+@pytest.mark.parametrize("given, said", [({"device": "cuda:1"}, "--device cuda:1"), ({"num_workers": 4}, "--workers 4")])
+def test_local_only_options_with_the_ray_engine_say_so(given, said):
+    from pipeline.errors import PipelineError
+    from pipeline.extract import open_engine
+    with pytest.raises(PipelineError, match=f"{said} is for the local engine.*leave it out with --engine ray"):
+        open_engine("ray", **given)  # refused before Ray is imported or joined

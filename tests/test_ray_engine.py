@@ -79,7 +79,8 @@ def local_cache(toy, tmp_path_factory):
 
 def extract(root, features, engine, model=MODEL, **options):
     table = load_dataset(root.name, root.parent)
-    return extract_features(table, load_backbone(model, "none"), ["penultimate"], features, device="cpu",
+    return extract_features(table, load_backbone(model, "none"), ["penultimate"], features,
+                            device="cpu" if engine == "local" else "auto",
                             precision="fp32", batch_size=BATCH, progress=False, engine=engine, **options)
 
 
@@ -189,7 +190,7 @@ def test_predict_on_ray_gives_the_local_codes(cluster, toy):
     rows = np.arange(len(files))
     got = {}
     for engine in ("local", "ray"):
-        runner = open_engine(engine, "cpu", ray_address=cluster)
+        runner = open_engine(engine, "cpu" if engine == "local" else "auto", ray_address=cluster)
         codes = np.zeros((len(files), layer.dim), np.float32)
         for batch, out in runner.codes(files, backbone, [layer], rows, "fp32", BATCH):
             codes[batch.rows] = out[layer.name]
