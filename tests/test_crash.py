@@ -45,7 +45,14 @@ def command(root, features):
 def start(root, features):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command(root, features), env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal():
+    """In the child before exec: SIGINT at its default, as a terminal gives it. A test run started in the
+    background of a non-interactive shell ignores SIGINT, exec keeps it ignored, and Python then installs no
+    KeyboardInterrupt handler: the SIGINT test would see the run finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def batches_on_disk(cache):
