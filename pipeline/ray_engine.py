@@ -120,9 +120,10 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
                                       label_selector=here)
-    if gpus:  # decoding in tasks of their own, on any node's CPUs, while the GPUs compute
+    if gpus:  # decoding in tasks of their own, spread over every node's CPUs, while the GPUs compute; a
+        # scheduling strategy of their own also keeps them from inheriting the reading's node label (fusion)
         dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
-                                      batch_format="numpy", ray_remote_args_fn=_one_cpu)
+                                      batch_format="numpy", num_cpus=1, scheduling_strategy="SPREAD")
     actors = gpus or len(_cpu_nodes(ray))
     decode = None if gpus else (source_ref, transform, draft)
     dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision, decode), batch_size=batch_size,
@@ -133,11 +134,6 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
         yield (Batch(out["data"].astype(np.int64), None, [str(s) for s in out["sha256"]],
                      [str(f) for f in out["failure"]]),
                {name[len("layer/"):]: out[name] for name in names})
-
-
-def _one_cpu():
-    """A decoding task's resources, given as a function so that Ray keeps decoding in tasks of its own."""
-    return {"num_cpus": 1}
 
 
 def _read_bytes(batch, source):

@@ -28,7 +28,8 @@ def two_nodes():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's worker processes in /proc (Linux)")
-def test_two_nodes_share_the_decoding_and_the_gpu_actor_is_scheduled(two_nodes, tmp_path):
+@pytest.mark.parametrize("data", ["shared", "driver"])  # driver: read on the head only, decoded on both
+def test_two_nodes_share_the_decoding_and_the_gpu_actor_is_scheduled(two_nodes, tmp_path, data):
     from conftest import write_image
     root = tmp_path / "data" / "toy"
     for split, n in (("train", 30), ("val", 9), ("test", 9)):
@@ -46,7 +47,7 @@ def test_two_nodes_share_the_decoding_and_the_gpu_actor_is_scheduled(two_nodes, 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        result = extract(root, tmp_path / "ray", "ray", model="resnet18", ray_address=two_nodes)
+        result = extract(root, tmp_path / "ray", "ray", model="resnet18", ray_address=two_nodes, ray_data=data)
     finally:
         running[0] = False
         watcher.join()
