@@ -170,8 +170,8 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .report import write_report
     from .extract import check_engine_options
+    from .report import write_report
     from .sweep import run_sweep
 
     check_engine_options(engine, device, workers)

@@ -74,9 +74,8 @@ class RayEngine:
         """`precision` resolved ("auto") where the backbone runs, or as given. On a cluster without GPUs,
         where every node with a CPU runs an actor, this very process answers when its node is one of
         them; else a task on a GPU (or CPU) of the cluster does (about 2 s: its process imports torch)."""
-        if precision != "auto":
-            return resolve_precision(precision, self.device)
-        if not self.gpus and self.ray.get_runtime_context().get_node_id() in _cpu_nodes(self.ray):
+        if precision != "auto" or (not self.gpus and self.ray.get_runtime_context().get_node_id()
+                                   in _cpu_nodes(self.ray)):
             return resolve_precision(precision, self.device)
         task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
         resolved, self._where = self.ray.get(task.remote(precision))
@@ -188,7 +187,7 @@ class _Codes:
     """Actor: the backbone, prepared once, on the actor's GPU (when Ray gave it one) or its CPU. On a
     cluster without GPUs it also decodes its batches, with every core of its node in turn with the forward
     pass, as the local engine does: decoding tasks beside it would share the cores with the forward pass's
-    threads and slow both (0.67 x the local engine's rate, measured in `make bench ENGINE=ray`)."""
+    threads and slow both (README: the Ray engine's bench)."""
 
     def __init__(self, extractor, precision, decode=None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
