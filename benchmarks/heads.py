@@ -2,6 +2,7 @@
 
     python benchmarks/heads.py                       # N = 10k, 100k, 1M (D 2048, K 100): `make bench-heads`
     python benchmarks/heads.py --sizes 10000 --cache features/vehicles/mobilenet_v2-file-39a5f077.h5
+    python benchmarks/heads.py --sizes '' --fashion 60000,3000   # real MobileNetV2 codes of 60k and 3k images
 
 For each cache and head, in a fresh process each (so peak RSS is the head's own):
 the torch protocol (probe.py: every C at once, streamed when over the memory budget)
@@ -9,8 +10,12 @@ and scikit-learn's exact estimators (one fit per C) where they finish within
 --sklearn-limit seconds: seconds for selection + refit + test, peak RSS, the chosen C
 and the test accuracy of both. The synthetic caches are class-structured (Gaussian
 classes in a 64-D latent space, mapped to D features through a random matrix and a
-ReLU, like CNN codes), seeded, made once under bench/heads/ and kept. A script, not a
-test: nothing here is asserted.
+ReLU, like CNN codes), seeded, made once under bench/heads/ and kept. --fashion N makes
+a cache of real codes at the scale of the issue: N 28x28 images varied from the
+Fashion-MNIST subset in --shared (shifts, turns, scales, mirrors; each source image's
+variants stay in one split, so no test image is a variant of a training one), run
+through the real MobileNetV2 once (about 12 minutes for 60k on 2 cores) and kept. A
+script, not a test: nothing here is asserted.
 """
 import hashlib
 import json
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
 
 from pipeline.cli import BYTES
 from pipeline.layer_codes import default_memory_budget, resolve_layer
@@ -36,6 +42,8 @@ SIZES = (10_000, 100_000, 1_000_000)
 DIM, CLASSES, LATENT = 2048, 100, 64
 SEPARATION = 0.45          # class means' spread in the latent space: test accuracy about 0.8
 BLOCK = 16_384             # rows generated and written at a time
+FASHION_SPLITS = {"train": 42_500, "val": 7_500, "test": 10_000}  # per 60,000, as the issue's cache
+MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"
 SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
 ROWS_VERSION = "r2"        # in the file name: r2 rows carry path-like ids, sizes and content hashes
 
@@ -72,6 +80,64 @@ def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
     return path
 
 
+def fashion_corpus(shared, folder, n, seed=0):
+    """n variants of the Fashion-MNIST subset's images as folder/fashion-N/{train,val,test}/<class>/*.png
+    (made once) -> the data folder and the data set's name. Source images are split first, in the
+    issue's proportions, and each split's variants come from its own sources only."""
+    name = f"fashion-{n}"
+    root = Path(folder) / "data" / name
+    done = root / "DONE"
+    if done.exists():
+        return root.parent, name
+    source = Path(shared) / "data" / "fashion-mnist-subset" / "fashion_mnist_subset.csv"
+    if not source.is_file():
+        raise click.ClickException(f"{source}: not found; pass --shared PATH (the folder holding data/)")
+    table = np.loadtxt(source, delimiter=",", skiprows=1, dtype=np.uint8)  # y, pixel0..pixel783
+    labels, pixels = table[:, 0], table[:, 1:].reshape(-1, 28, 28)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    share = np.cumsum([0] + [count / 60_000 for count in FASHION_SPLITS.values()])
+    for s, split in enumerate(FASHION_SPLITS):
+        sources = order[round(share[s] * len(order)):round(share[s + 1] * len(order))]
+        count = round(FASHION_SPLITS[split] / 60_000 * n)
+        for i, k in enumerate(rng.choice(sources, count)):
+            path = root / split / f"class{labels[k]}" / f"{split}-{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _variant(Image.fromarray(pixels[k]), rng).save(path)
+    done.write_text(json.dumps({"images": n, "seed": seed}))
+    return root.parent, name
+
+
+def _variant(img, rng):
+    """The image shifted, turned, scaled and maybe mirrored a little, as augmentation does."""
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    angle, scale = rng.uniform(-12, 12), rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-2.5, 2.5, 2)
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, translate=tuple(shift))
+    if scale != 1:
+        size = max(1, round(28 * scale))
+        big = img.resize((size, size), Image.Resampling.BILINEAR)
+        canvas = Image.new("L", (max(28, size), max(28, size)))
+        canvas.paste(big, ((canvas.width - size) // 2, (canvas.height - size) // 2))
+        left = (canvas.width - 28) // 2
+        img = canvas.crop((left, left, left + 28, left + 28))
+    return img
+
+
+def fashion_cache(shared, folder, n):
+    """The real MobileNetV2's codes of fashion_corpus(n), extracted once -> the cache's path."""
+    from pipeline.backbones import load_backbone
+    from pipeline.datasets import load_dataset
+    from pipeline.extract import extract_features
+
+    data_dir, name = fashion_corpus(shared, folder, n)
+    weights = Path(shared) / MOBILENET_WEIGHTS
+    result = extract_features(load_dataset(name, data_dir), load_backbone("mobilenet_v2", str(weights)),
+                              ["penultimate"], Path(folder) / "features")
+    return result.path
+
+
 def child_train(cache, layer, head, solver, out, exact=False, memory_budget=None):
     """One head's protocol (called in a fresh process) -> its figures; `exact`: also the test accuracy
     of scikit-learn's exact fit at the C the protocol chose (LogisticRegression for softmax and linear)."""
@@ -82,7 +148,7 @@ def child_train(cache, layer, head, solver, out, exact=False, memory_budget=None
     figures = {"seconds": round(time.perf_counter() - t0, 2), "protocol_seconds": result["seconds"],
                "maxrss_mb": round(peak_rss_mb(), 1),
                "C": result["C"], "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
-               "solver": result["solver"], "streamed": result["streamed"], "select_rows": result["select_rows"],
+               "what_ran": result["solver"], "streamed": result["streamed"], "select_rows": result["select_rows"],
                "n_train": result["n_train"], "layer": result["layer"]}
     if exact:
         figures["exact_test_accuracy_at_C"] = exact_accuracy(cache, result["layer"], head, result["C"])
@@ -166,7 +232,7 @@ def table(rows):
     lines = ["| cache | layer | head | solver | seconds | peak RSS MB | C | test acc | exact fit at C |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        name = Path(r["cache"]).stem
+        name = f"{Path(r['cache']).parent.name}/{Path(r['cache']).stem}"
         if "seconds" not in r:
             why = (f"stopped at {r['stopped']} s" if "stopped" in r else f"not run: {r['skipped']}" if "skipped" in r
                    else f"failed: {r.get('failed')}")
@@ -185,17 +251,21 @@ def table(rows):
 @click.command()
 @click.option("--sizes", default=",".join(map(str, SIZES)), show_default=True, help="Synthetic cache sizes N.")
 @click.option("--cache", "caches", multiple=True, help="A real cache too, as PATH or PATH@LAYER (repeat).")
+@click.option("--fashion", default="", help="Also caches of real MobileNetV2 codes of N Fashion-MNIST variants (N,N,..).")
+@click.option("--shared", type=click.Path(path_type=Path), default=Path("../shared"), show_default=True,
+              help="Folder with data/fashion-mnist-subset and the MobileNetV2 weights (for --fashion).")
 @click.option("--heads", default=",".join(HEADS), show_default=True)
 @click.option("--sklearn-limit", type=int, default=SKLEARN_LIMIT, show_default=True)
 @click.option("--memory-budget", type=BYTES, default="1G", show_default=True,
               help="The torch heads' budget: the 100k and 1M caches stream under the default, so their RSS compares.")
 @click.option("--folder", type=click.Path(path_type=Path), default=Path("bench/heads"), show_default=True)
 @click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
-def main(sizes, caches, heads, sklearn_limit, memory_budget, folder, reports_dir):
+def main(sizes, caches, fashion, shared, heads, sklearn_limit, memory_budget, folder, reports_dir):
     """Every head's protocol on synthetic caches of each size (and real caches): seconds, RSS, accuracy."""
     say = lambda text: click.echo(text, err=True)
     paths = [(synthetic_cache(folder, int(n)), "penultimate", False) for n in sizes.split(",") if n]
     paths += [(*(c.split("@", 1) if "@" in c else (c, "penultimate")), True) for c in caches]
+    paths += [(str(fashion_cache(shared, folder, int(n))), "penultimate", True) for n in fashion.split(",") if n]
     rows = run(paths, heads.split(","), sklearn_limit, folder / "heads-out", memory_budget, say)
     reports_dir.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
