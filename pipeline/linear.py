@@ -144,8 +144,9 @@ def _lbfgs(model, X, y, C, loss, max_iter, progress, rel_tol):
     Runs in stretches of CHUNK iterations (L-BFGS keeps its history between them) and stops early when
     a stretch lowered the objective by less than `rel_tol` of it: the slow tail of a weakly regularised C."""
     C = torch.tensor([C], dtype=torch.float32, device=X.device)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=CHUNK, max_eval=10 * CHUNK, history_size=20,
-                                  tolerance_grad=GRAD_TOL, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=CHUNK, history_size=20, tolerance_grad=GRAD_TOL,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe",
+                                  max_eval=10 * CHUNK)  # a stretch ends by its iterations, not its evaluations
 
     def objective():
         optimizer.zero_grad(set_to_none=True)
