@@ -42,7 +42,7 @@ help:
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
 	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [ENGINE=ray: Ray against local]"
-	@echo "make bench-heads [SIZES=10000,100000,1000000] [FASHION=60000,3000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy"
+	@echo "make bench-heads [SIZES=10000,100000,1000000] [FASHION=60000,3000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy (SIZES= : no synthetic caches)"
 
 venv: $(VENV)/.installed
 
@@ -98,7 +98,7 @@ test-fast: venv $(VENV)/.ray
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
 
 bench-heads: venv
-	$(PY) benchmarks/heads.py $(call opt,--sizes,$(SIZES)) $(call opt,--fashion,$(FASHION)) $(foreach c,$(CACHES),--cache $(c)) \
+	$(PY) benchmarks/heads.py $(if $(filter undefined,$(origin SIZES)),,--sizes '$(SIZES)') $(call opt,--fashion,$(FASHION)) $(foreach c,$(CACHES),--cache $(c)) \
 	  --shared $(SHARED) --reports-dir $(REPORTS_DIR)
 
 bench: venv $(ENGINE_DEPS)
