@@ -36,7 +36,7 @@ from pipeline.store import FeatureCache
 from pipeline.store.cache import write_cache_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
-from measure import peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, peak_rss_mb  # noqa: E402
 
 HEADS = ("softmax", "svm", "linear")
 SIZES = (10_000, 100_000, 1_000_000)
@@ -44,7 +44,6 @@ DIM, CLASSES, LATENT = 2048, 100, 64
 SEPARATION = 0.45          # class means' spread in the latent space: test accuracy about 0.8
 BLOCK = 16_384             # rows generated and written at a time
 FASHION_SPLITS = {"train": 42_500, "val": 7_500, "test": 10_000}  # per 60,000, as the issue's cache
-MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"
 SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
 ROWS_VERSION = "r2"        # in the file name: r2 rows carry path-like ids, sizes and content hashes
 

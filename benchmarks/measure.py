@@ -1,5 +1,8 @@
-"""Peak memory of this process, as the benches report it."""
+"""What the benches share: peak memory as they report it, and where ../shared keeps the real weights."""
 import resource
+from pathlib import Path
+
+MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"  # under --shared
 
 
 def peak_rss_mb():

@@ -58,7 +58,7 @@ from pipeline.store import FeatureCache
 from pipeline.train import train_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
-from measure import peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
 
 SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
@@ -71,7 +71,6 @@ LARGE_FACTOR = 10
 PIPELINE_RUNS = 2                  # pipeline runs, each between two ceiling measurements
 COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
 TARGETS = {"ratio_vs_ceiling": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
-MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"
 
 
 # ---------------------------------------------------------------------------
