@@ -20,6 +20,7 @@ RAY_ADDRESS ?=
 RAY_DATA    ?= shared
 BATCH       ?=
 WORKERS     ?=
+DECODE      ?= cpu
 SHARED      ?= ../shared
 # The torch/torchvision pair installed into .venv (pyproject admits 2.11-2.14 / 0.26-0.29).
 TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
@@ -28,12 +29,12 @@ CLI := $(PY) -m pipeline
 opt = $(if $(2),$(1) $(2))
 ENGINE_OPTS = --engine $(ENGINE) $(call opt,--ray-address,$(RAY_ADDRESS)) --ray-data $(RAY_DATA)
 # Ray is installed only when ENGINE=ray asks for it (and for the tests).
-ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray)
+ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray) $(if $(filter device,$(DECODE)),$(VENV)/.gpu)
 
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
 help:
-	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [DECODE=cpu|device] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
 	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=torch|sklearn] [MEMORY_BUDGET=4G]"
 	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
@@ -41,7 +42,7 @@ help:
 	@echo "make taps       MODEL=resnet50"
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
-	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [ENGINE=ray: Ray against local]"
+	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [DECODE=device] [ENGINE=ray: Ray against local]"
 	@echo "make bench-heads [SIZES=10000,100000,1000000] [FASHION=60000,3000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy (SIZES= : no synthetic caches)"
 
 venv: $(VENV)/.installed
@@ -57,10 +58,14 @@ $(VENV)/.ray: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[ray]'
 	touch $@
 
+$(VENV)/.gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[gpu]'
+	touch $@
+
 extract: venv $(ENGINE_DEPS)
 	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
-	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) \
+	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) \
 	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates) $(ENGINE_OPTS)
 
 train-head: venv
@@ -91,10 +96,10 @@ demo: venv
 	$(MAKE) --no-print-directory train-head HEAD=linear DATASET=$(DATASET) MODEL=$(or $(MODEL),vgg16) WEIGHTS=$(or $(WEIGHTS),default)
 	$(MAKE) --no-print-directory report
 
-test: venv $(VENV)/.ray
+test: venv $(VENV)/.ray $(VENV)/.gpu
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q
 
-test-fast: venv $(VENV)/.ray
+test-fast: venv $(VENV)/.ray $(VENV)/.gpu
 	PIPELINE_SHARED=$(SHARED) $(PY) -m pytest -q -m "not e2e"
 
 bench-heads: venv
@@ -105,7 +110,7 @@ bench: venv $(ENGINE_DEPS)
 ifeq ($(ENGINE),ray)
 	$(PY) benchmarks/ray_engine.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --precision $(PRECISION) $(call opt,--address,$(RAY_ADDRESS))
 else
-	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION)
+	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION) --decode $(DECODE)
 endif
 
 clean:

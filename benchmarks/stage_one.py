@@ -229,27 +229,27 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
 
 
 def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers,
-                  engine="local", ray_address=None):
+                  engine="local", ray_address=None, decode="cpu"):
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
     table = load_dataset(name, data_dir)
     backbone = load_backbone(model, weights)
     t0 = time.perf_counter()
     result = extract_features(table, backbone, ["penultimate"], features_dir, device=device, precision=precision,
                               batch_size=batch_size, num_workers=workers, progress=False, engine=engine,
-                              ray_address=ray_address)
+                              ray_address=ray_address, decode=decode)
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s,
             "maxrss_mb": peak_rss_mb()}
 
 
-def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work):
+def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu"):
     """child_extract in a new process, cache removed first."""
     features = Path(work) / f"features-{root.name}"
     shutil.rmtree(features, ignore_errors=True)
     result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
                               weights=weights, features_dir=str(features), device=str(device),
-                              precision=precision, batch_size=batch_size, workers=workers)
+                              precision=precision, batch_size=batch_size, workers=workers, decode=decode)
     shutil.rmtree(features, ignore_errors=True)
     return result
 
@@ -340,15 +340,15 @@ def machine(device):
 
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
               batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
-              large_model=None, device="auto", say=print):
+              large_model=None, device="auto", decode="cpu", say=print):
     """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
     started = time.perf_counter()
     device = resolve_device(device)
     setup = {"model": model, "weights": weights or "none", "precision": resolve_precision(precision, device),
              "batch_size": batch_size or default_batch_size(device),
-             "workers": default_workers(device) if workers is None else workers}
+             "workers": default_workers(device) if workers is None else workers, "decode": decode}
     large_model = large_model or model
-    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers")}}
+    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers", "decode")}}
     loads = {}
 
     say(f"corpus: {images} images in {corpus_dir} (made once)")
@@ -452,7 +452,8 @@ def table_text(r):
     lines = [
         f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), "
         f"{r['precision']} {r['memory_format']}, batch {r['batch_size']}, "
-        f"{str(r['workers']) + ' decode processes' if r['workers'] else 'decoding between forward passes'}, "
+        f"{str(r['workers']) + ' worker processes' if r['workers'] else 'decoding between forward passes'}, "
+        f"decoded on the {'device' if r['decode'] == 'device' else 'CPU'}, "
         f"{r['images']} JPEGs ({' and '.join(r['image_sizes'])}, q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
         f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
@@ -514,13 +515,15 @@ def table_text(r):
 @click.option("--weights", default="none", show_default=True, help="Bench model weights: none, default or a .pth.")
 @click.option("--large-model", default=None, help="Model of the 10 N memory run (default: --model).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
+              help="Where `extract` decodes the JPEGs (device: nvJPEG on a GPU; pip install -e '.[gpu]').")
 def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, corpus_dir, weights,
-         large_model, device):
+         large_model, device, decode):
     """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
     try:
         result = run_bench(model=model, images=images, shared=shared, reports_dir=reports_dir, precision=precision,
                            batch_size=batch_size, workers=workers, accuracy=accuracy, corpus_dir=corpus_dir,
-                           weights=weights, large_model=large_model, device=device,
+                           weights=weights, large_model=large_model, device=device, decode=decode,
                            say=lambda text: click.echo(text, err=True))
     except PipelineError as e:
         raise click.ClickException(str(e)) from None

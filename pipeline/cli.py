@@ -77,6 +77,9 @@ def _data_options(f):
 @click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
+@click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
+              help="cpu: the workers decode (PIL); device: JPEGs decoded where the model runs, nvJPEG on a GPU "
+                   "(pip install -e '.[gpu]').")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
@@ -84,7 +87,7 @@ def _data_options(f):
               help="Leave out byte-identical images (all of a group whose labels disagree) before splitting.")
 @_engine_options
 @_data_options
-def extract(dataset, model, layers, weights, device, precision, batch_size, workers, quiet, update, rebuild,
+def extract(dataset, model, layers, weights, device, precision, batch_size, workers, decode, quiet, update, rebuild,
             drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
@@ -93,14 +96,14 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 
     if update and rebuild:
         raise click.UsageError("--update and --rebuild exclude each other: choose one")
-    check_engine_options(engine, device, workers)
+    check_engine_options(engine, device, workers, decode)
     table = load_dataset(dataset, data_dir, drop_duplicates=drop_duplicates)
     backbone = load_backbone(model, weights)
     try:
         result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
                                   update=update, rebuild=rebuild, engine=engine, ray_address=ray_address,
-                                  ray_data=ray_data)
+                                  ray_data=ray_data, decode=decode)
     except KeyboardInterrupt:
         from .paths import cache_path
         from .store import partial_progress

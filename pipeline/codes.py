@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Extractor
+from .device_decode import decoded_on, encoded_batches
 from .errors import ImageDecodeError
 from .hardware import autocast_for, keep_freed_memory
 from .sources import Batch
@@ -93,12 +94,18 @@ def prepare_model(model, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size, num_workers, draft=None):
+def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size, num_workers, draft=None,
+               decode="cpu"):
     """Yield (Batch, {layer name: codes [B, D] float32 numpy}) for `rows` of `source`, in order.
 
     Decoding starts at the call (worker processes begin before the model is prepared);
-    the codes of a row whose failure is not "" are meaningless and must be dropped."""
-    batches = iter(image_batches(source, backbone.transform, rows, device, batch_size, num_workers, draft))
+    the codes of a row whose failure is not "" are meaningless and must be dropped.
+    `decode`: "cpu" (the workers decode), or "device" (JPEGs decoded where the model runs: device_decode)."""
+    if decode == "device":
+        batches = decoded_on(device, iter(encoded_batches(source, backbone.transform, rows, batch_size, num_workers)),
+                             backbone.transform)
+    else:
+        batches = iter(image_batches(source, backbone.transform, rows, device, batch_size, num_workers, draft))
     model = prepare_model(backbone.extractor(layers), device)
     return forward(model, batches, device, precision)
 

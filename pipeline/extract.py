@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import __version__
 from .checks import data_checks, note
 from .codes import iter_codes
+from .device_decode import check_device_decoding
 from .errors import PipelineError
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
@@ -51,7 +52,7 @@ class ExtractResult:
 
 def extract_features(table, backbone, layer_specs, features_dir, *, device="auto", precision="auto",
                      batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False,
-                     engine="local", ray_address=None, ray_data="shared"):
+                     engine="local", ray_address=None, ray_data="shared", decode="cpu"):
     """Cache the codes of `layer_specs` for every image of `table`; see module docstring.
 
     `jpeg_draft`: decode JPEGs much larger than the model needs at reduced scale (faster; codes
@@ -59,12 +60,14 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     since the cache was made, StaleCacheError says what changed, unless `update` (compute only new
     and changed images, copy the rest, drop removed ones) or `rebuild` (start over). `engine`:
     "local" (this process, on `device`) or "ray" (the Ray cluster at `ray_address`, reading the
-    images where `ray_data` says: ray_engine.py); the cache is the same either way.
+    images where `ray_data` says: ray_engine.py); the cache is the same either way. `decode`: "cpu"
+    (PIL in the DataLoader's workers), or "device" (JPEGs decoded where the model runs: device_decode);
+    part of the cache key.
     """
-    runner = open_engine(engine, device, num_workers, ray_address, ray_data)
+    runner = open_engine(engine, device, num_workers, ray_address, ray_data, decode, backbone.transform)
     precision = runner.precision(precision)
     path = cache_path(features_dir, table.name, backbone.name, backbone.weights_tag)
-    key = cache_key(table, backbone, precision, jpeg_draft)
+    key = cache_key(table, backbone, precision, jpeg_draft, decode)
     with extraction_lock(path):
         plan = plan_extraction(path, table, backbone.resolve(layer_specs), key, backbone.resolve, update, rebuild)
         if plan.todo is None:
@@ -93,21 +96,31 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
 
 
 ENGINES = ("local", "ray")
+DECODERS = ("cpu", "device")
 
 
-def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_data="shared"):
-    """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then)."""
-    check_engine_options(engine, device, num_workers)
+def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_data="shared", decode="cpu",
+                transform=None):
+    """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then).
+    `decode` "device" is checked against `transform` (device_decode.check_device_decoding)."""
+    check_engine_options(engine, device, num_workers, decode)
+    if decode == "device":
+        check_device_decoding(transform)
     if engine == "ray":
         from .ray_engine import RayEngine
         return RayEngine(ray_address, ray_data)
     if engine != "local":
         raise PipelineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    return LocalEngine(device, num_workers)
+    return LocalEngine(device, num_workers, decode)
 
 
-def check_engine_options(engine, device="auto", num_workers=None):
+def check_engine_options(engine, device="auto", num_workers=None, decode="cpu"):
     """Refuse the local engine's options given to the Ray one (PipelineError), before anything is loaded."""
+    if decode not in DECODERS:
+        raise PipelineError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
+    if engine == "ray" and decode == "device":
+        raise PipelineError("--decode device is for the local engine: on Ray, CPU tasks of the cluster decode; "
+                            "leave it out with --engine ray")
     if engine == "ray" and (device != "auto" or num_workers is not None):
         given = f"--device {device}" if device != "auto" else f"--workers {num_workers}"
         raise PipelineError(f"{given} is for the local engine: on Ray the model runs on the cluster's GPUs "
@@ -115,10 +128,11 @@ def check_engine_options(engine, device="auto", num_workers=None):
 
 
 class LocalEngine:
-    """This process on `device`: codes.iter_codes, decoding in `num_workers` processes (None: the default)."""
+    """This process on `device`: codes.iter_codes, reading (and with `decode` "cpu", decoding) in
+    `num_workers` processes (None: the default)."""
 
-    def __init__(self, device="auto", num_workers=None):
-        self.device = resolve_device(device)
+    def __init__(self, device="auto", num_workers=None, decode="cpu"):
+        self.device, self.decode = resolve_device(device), decode
         self.num_workers = default_workers(self.device) if num_workers is None else num_workers
 
     def precision(self, precision):
@@ -132,7 +146,7 @@ class LocalEngine:
 
     def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
         return iter_codes(source, backbone, layers, rows, device=self.device, precision=precision,
-                          batch_size=batch_size, num_workers=self.num_workers, draft=draft)
+                          batch_size=batch_size, num_workers=self.num_workers, draft=draft, decode=self.decode)
 
 
 def _resume_writer(path, plan):

@@ -113,17 +113,20 @@ class DataChange:
         return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
 
 
-def cache_key(table, backbone, precision, jpeg_draft=True):
+def cache_key(table, backbone, precision, jpeg_draft=True, decode="cpu"):
     """Everything that changes the cached values (layers are added by the plan)."""
     return {"dataset": table.name, "layout": table.layout, "dataset_fingerprint": table.fingerprint,
             "split_source": table.split_source, "model": backbone.name, "weights": backbone.weights,
             "weights_sha256": backbone.weights_sha256, "transform": _describe(backbone.transform),
-            "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft),
+            "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft, decode),
             "duplicates": "dropped" if table.drop_duplicates else "kept"}
 
 
-def decode_setting(transform, jpeg_draft):
-    """How images are decoded, as recorded in the cache key; draft decoding changes pixels slightly."""
+def decode_setting(transform, jpeg_draft, decode="cpu"):
+    """How images are decoded, as recorded in the cache key; draft decoding, and another decoder where
+    the model runs (`decode` "device": device_decode), change pixels slightly."""
+    if decode == "device":
+        return "device"
     return f"jpeg-draft-{DRAFT_FACTOR}x" if jpeg_draft and draft_size(transform) else "full"
 
 

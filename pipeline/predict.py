@@ -41,10 +41,11 @@ def codes_of_files(head, files, weights=None, device="auto", batch_size=None, en
     `engine`: "local" on `device`, or "ray" (`ray_options`: ray_address, ray_data; see extract.open_engine)."""
     backbone = backbone_for(head, weights)
     [layer] = backbone.resolve([head.layer])
-    runner = open_engine(engine, device, **ray_options)
+    info = head.provenance
+    decode = "device" if info.get("decode") == "device" else "cpu"  # decoded as its cache was
+    runner = open_engine(engine, device, decode=decode, transform=backbone.transform, **ray_options)
     if engine == "local":
         runner.num_workers = min(runner.num_workers, len(files) // FILES_PER_WORKER)
-    info = head.provenance
     draft = None if info.get("decode", "full") == "full" else draft_size(backbone.transform)
     X, failures = np.zeros((len(files), layer.dim), dtype=np.float32), [""] * len(files)
     for batch, codes in runner.codes(files, backbone, [layer], np.arange(len(files)), info.get("precision", "fp32"),

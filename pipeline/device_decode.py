@@ -1,0 +1,146 @@
+"""JPEG decoding where the model runs (nvJPEG on a GPU, through TorchCodec): `--decode device`.
+
+    batches = encoded_batches(source, transform, rows, batch_size, num_workers)
+    for batch in decoded_on(device, batches, transform):   # images: uint8 [B, 3, crop, crop] on `device`
+        ...
+
+On a GPU, decoding photos on the CPU becomes the whole cost of stage one. Here the
+DataLoader's workers only read each file once (its bytes, its sha256) and look at its
+header (PIL, no pixel decoded): a plain JPEG (RGB or greyscale, no EXIF turn, whole,
+within the decompression-bomb limit) travels as its bytes; anything else (PNG, CMYK,
+an MPO, a file that is not an image) is decoded in the worker exactly as on the CPU
+path. Where the model runs, a batch's JPEGs are decoded in one call and resized and
+centre-cropped as torchvision's recipe does, on tensors, with antialiasing. A JPEG the
+decoder refuses is decoded by PIL instead, or skipped with PIL's reason. TorchCodec is
+torchvision's successor for image decoding (torchvision's decoders are deprecated
+since 0.29); it is an optional dependency (`pip install -e '.[gpu]'`).
+"""
+import hashlib
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as F
+
+from .errors import ImageDecodeError, PipelineError
+from .images import decode_image, read_image_bytes
+from .sources import Batch
+
+__all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "plain_jpeg"]
+
+_ORIENTATION = 0x0112  # the EXIF tag of a photo's turn
+_EOI = b"\xff\xd9"     # the marker a whole JPEG ends with
+
+
+def check_device_decoding(transform):
+    """Raise PipelineError unless `--decode device` can run: TorchCodec installed, and the transform
+    torchvision's resize-and-crop recipe (preprocess.FastClassification)."""
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except ImportError:
+        raise PipelineError("--decode device needs TorchCodec: pip install -e '.[gpu]' "
+                            "(make extract DECODE=device installs it)") from None
+    if not all(hasattr(transform, name) for name in ("crop_box", "resize_size", "crop_size", "normalizer")):
+        raise PipelineError(f"--decode device runs torchvision's resize-and-crop recipe, not {transform!r}; "
+                            f"use --decode cpu for this model")
+
+
+def plain_jpeg(data):
+    """Whether the device decoder may take these bytes: a whole baseline-or-progressive JPEG in RGB or
+    greyscale, not turned by EXIF, within PIL's decompression-bomb limit."""
+    if not data.rstrip(b"\0").endswith(_EOI):
+        return False  # cut short (or with bytes after its end): PIL on the CPU says which
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only
+            limit = Image.MAX_IMAGE_PIXELS or float("inf")
+            return (img.format == "JPEG" and img.mode in ("RGB", "L") and img.size[0] * img.size[1] <= limit
+                    and img.getexif().get(_ORIENTATION, 1) == 1)
+    except Exception:  # not an image, or a header PIL cannot read: the CPU path gives the reason
+        return False
+
+
+class EncodedRows(Dataset):
+    """Rows of an image source as (row, bytes uint8 [N] or pixels uint8 [3, crop, crop], sha256, failure)."""
+
+    def __init__(self, source, transform, rows):
+        self.source, self.transform, self.rows = source, transform, rows
+        crop = transform.crop_size[0]
+        self.blank = torch.zeros(3, crop, crop, dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        row = int(self.rows[k])
+        path = self.source.file(row)
+        try:
+            if path is None:  # pixels in the source (an array data set): nothing to decode
+                image, digest = self.source.load(row)
+                return row, self.transform(image), digest, ""
+            data = read_image_bytes(path)
+            digest = hashlib.sha256(data).hexdigest()
+            if plain_jpeg(data):
+                return row, torch.frombuffer(bytearray(data), dtype=torch.uint8), digest, ""
+            return row, self.transform(decode_image(data)), digest, ""
+        except ImageDecodeError as e:
+            return row, self.blank, "", str(e) or "cannot decode"
+
+
+def _to_batch(items):
+    rows, images, digests, failures = zip(*items)
+    return Batch(np.array(rows, dtype=np.int64), list(images), list(digests), list(failures))
+
+
+def encoded_batches(source, transform, rows, batch_size, num_workers):
+    """A DataLoader of Batch records whose images are per-row tensors: a JPEG's bytes, or pixels."""
+    return DataLoader(EncodedRows(source, transform, rows), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=_to_batch, prefetch_factor=4 if num_workers else None)
+
+
+def decoded_on(device, batches, transform):
+    """Yield each Batch of `batches` with its images decoded, resized and cropped on `device`."""
+    for batch in batches:
+        yield _decode_batch(batch, transform, device)
+
+
+def _decode_batch(batch, transform, device):
+    crop = transform.crop_size[0]
+    images = torch.empty(len(batch), 3, crop, crop, dtype=torch.uint8, device=device)
+    jpegs = [k for k, item in enumerate(batch.images) if item.dim() == 1]
+    for k, item in enumerate(batch.images):
+        if item.dim() == 3:
+            images[k] = item.to(device, non_blocking=True)
+    for k, picture in zip(jpegs, _decode_jpegs([batch.images[k] for k in jpegs], device)):
+        if isinstance(picture, ImageDecodeError):
+            images[k], batch.sha256[k], batch.failures[k] = 0, "", str(picture) or "cannot decode"
+        else:
+            images[k] = F.center_crop(F.resize(picture, list(transform.resize_size), antialias=True), [crop])
+    batch.images = images
+    return batch
+
+
+def _decode_jpegs(datas, device):
+    """Encoded JPEGs -> per JPEG, uint8 [3, H, W] on `device`, or the ImageDecodeError why it cannot be."""
+    from torchcodec.decoders import decode_jpeg
+
+    if not datas:
+        return []
+    try:
+        return list(decode_jpeg(datas, mode="RGB", device=device))  # one call for the batch
+    except RuntimeError:  # one bad file fails the whole call: decode them one by one
+        return [_decode_one(data, device) for data in datas]
+
+
+def _decode_one(data, device):
+    from torchcodec.decoders import decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode="RGB", device=device)
+    except RuntimeError:
+        try:
+            image = decode_image(data.numpy().tobytes())  # PIL decodes what the decoder refused, or says why not
+        except ImageDecodeError as e:
+            return e
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(device)

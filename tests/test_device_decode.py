@@ -1,0 +1,156 @@
+"""device_decode.py: JPEGs decoded where the model runs (`--decode device`). The same code runs here
+on the CPU (TorchCodec's CPU decoder) as on a GPU (nvJPEG); the CUDA test runs where torch sees one.
+Pixels and codes against the CPU path, bad files skipped with the CPU path's reasons, one bad JPEG
+never failing its batch, the cache key, predict decoding as the cache did, the errors."""
+import io
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.stage_one import cosine
+from conftest import assert_same_codes, textured, write_image, write_jpeg
+from test_codes import photos, run  # noqa: F401 (photos: a fixture)
+from pipeline.backbones import load_backbone
+from pipeline.codes import iter_codes
+from pipeline.device_decode import check_device_decoding, plain_jpeg
+from pipeline.errors import PipelineError
+from pipeline.extract import open_engine
+from pipeline.heads import LinearHead
+from pipeline.predict import codes_of_files
+from pipeline.sources import ImageFiles
+from pipeline.store import FeatureCache
+from pipeline.train import train_head
+
+pytest.importorskip("torchcodec", reason="--decode device needs TorchCodec (pip install -e '.[gpu]'; make test installs it)")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("mobilenet_v2", "none")
+
+
+def jpeg_bytes(size=(320, 240), seed=0, mode="RGB", **options):
+    out = io.BytesIO()
+    textured(size, seed).convert(mode).save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+def turned_jpeg():
+    """A JPEG whose EXIF says: turn me (orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    textured((320, 240), 7).save(out, "JPEG", quality=90, exif=exif)
+    return out.getvalue()
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    """Every kind of file a folder of photos holds, good and bad, in one batch's worth."""
+    good = jpeg_bytes(seed=1)
+    files = {"photo.jpg": good, "grey.jpg": jpeg_bytes(seed=2, mode="L"), "cmyk.jpg": jpeg_bytes(seed=3, mode="CMYK"),
+             "progressive.jpg": jpeg_bytes(seed=4, progressive=True), "turned.jpg": turned_jpeg(),
+             "cut.jpg": good[: len(good) // 2], "empty.jpg": b"", "text.jpg": b"not an image at all",
+             "garbled.jpg": good[:400] + bytes(range(256)) * 4 + good[-2:],  # whole-looking, corrupt inside
+             "tall.jpg": jpeg_bytes((240, 500), seed=5)}
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    paths.append(write_image(tmp_path / "flat.png", size=(300, 200)))
+    paths.append(tmp_path / "missing.jpg")
+    return ImageFiles(paths)
+
+
+def codes_and_failures(source, backbone, decode, batch_size=32):
+    layers = backbone.resolve(["penultimate"])
+    out = list(iter_codes(source, backbone, layers, np.arange(len(source)), device=CPU, precision="fp32",
+                          batch_size=batch_size, num_workers=0, decode=decode))
+    return (np.concatenate([codes[layers[0].name] for _, codes in out]),
+            [f for batch, _ in out for f in batch.failures], [s for batch, _ in out for s in batch.sha256])
+
+
+def test_plain_jpeg_is_what_the_decoder_may_take():
+    good = jpeg_bytes()
+    assert plain_jpeg(good) and plain_jpeg(jpeg_bytes(mode="L")) and plain_jpeg(jpeg_bytes(progressive=True))
+    assert not plain_jpeg(jpeg_bytes(mode="CMYK"))      # the CPU path converts it
+    assert not plain_jpeg(turned_jpeg())                # the CPU path turns it
+    assert not plain_jpeg(good[:-100])                  # cut short: PIL gives the reason
+    assert not plain_jpeg(b"") and not plain_jpeg(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bad_files_are_skipped_with_the_cpu_paths_reasons_and_good_ones_decode_alike(odd_files, backbone):
+    on_device, device_failures, device_sha = codes_and_failures(odd_files, backbone, "device")
+    on_cpu, cpu_failures, cpu_sha = codes_and_failures(odd_files, backbone, "cpu")
+    assert device_failures == cpu_failures and device_sha == cpu_sha
+    assert sum(bool(f) for f in cpu_failures) == 5  # cut, empty, text, garbled, missing
+    good = [k for k, f in enumerate(cpu_failures) if not f]
+    similarity = cosine(on_device[good], on_cpu[good])
+    other = cosine(on_cpu[good], np.roll(on_cpu[good], 1, axis=0))  # each image against the next one
+    assert similarity.min() > 0.9999 and (1 - similarity).max() < 0.01 * (1 - other).min()
+
+
+def test_one_bad_jpeg_does_not_fail_its_batch(tmp_path, backbone):
+    good = jpeg_bytes(seed=1)
+    paths = [tmp_path / f"{k}.jpg" for k in range(4)]
+    for k, path in enumerate(paths):
+        path.write_bytes(good[:400] + bytes(range(256)) * 4 + good[-2:] if k == 2 else jpeg_bytes(seed=k))
+    _, failures, _ = codes_and_failures(ImageFiles(paths), backbone, "device", batch_size=4)
+    assert [bool(f) for f in failures] == [False, False, True, False]
+
+
+def test_pixels_match_the_cpu_recipe(tmp_path, backbone):
+    """Full decode, resize and centre crop on tensors against PIL's one resize of the crop box."""
+    from pipeline.device_decode import decoded_on, encoded_batches
+    paths = [write_jpeg(tmp_path / f"{k}.jpg", size, seed=k) for k, size in enumerate([(1024, 768), (500, 375),
+                                                                                       (375, 500), (224, 224)])]
+    source = ImageFiles(paths)
+    [batch] = decoded_on(CPU, encoded_batches(source, backbone.transform, np.arange(4), 4, 0), backbone.transform)
+    reference = torch.stack([backbone.transform(source.load(k)[0]) for k in range(4)])
+    assert batch.images.shape == reference.shape == (4, 3, 224, 224) and batch.images.dtype == torch.uint8
+    difference = (batch.images.float() - reference.float()).abs()
+    assert difference.max() <= 2 and difference.mean() < 0.05  # grey levels (measured: at most 1; without
+    # antialiasing, 9)
+
+
+def test_device_decoding_is_part_of_the_cache_key_and_predict_follows_it(photos, backbone):
+    result = run(photos, backbone, decode="device")
+    with h5py.File(result.path, "r") as h5:
+        assert h5.attrs["decode"] == "device"
+    assert run(photos, backbone, decode="device").status == "hit"
+    head = LinearHead(train_head(result.path, "penultimate", "softmax")["head_file"])
+    with FeatureCache(result.path) as cache:
+        ids, cached = cache.ids, cache.features("avgpool")[0]
+    X, _ = codes_of_files(head, ImageFiles([photos / i for i in ids]), device="cpu")
+    assert_same_codes(X, cached, rtol=1e-5)  # decoded as the cache was: its very codes
+    again = run(photos, backbone, decode="cpu")
+    assert again.status == "extracted" and "decode" in again.message
+
+
+def test_device_decoding_says_what_it_needs(monkeypatch):
+    with pytest.raises(PipelineError, match="resize-and-crop recipe"):
+        check_device_decoding(load_backbone("resnet18", "none", preprocessing="reference").transform)
+    with pytest.raises(PipelineError, match="for the local engine"):
+        open_engine("ray", decode="device")
+    with pytest.raises(PipelineError, match="unknown decode 'gpu'"):
+        open_engine("local", decode="gpu")
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if TorchCodec were not installed
+    with pytest.raises(PipelineError, match=r"pip install -e '\.\[gpu\]'"):
+        check_device_decoding(load_backbone("resnet18", "none").transform)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA GPU; none here")
+def test_nvjpeg_decodes_as_the_cpu_decoder(odd_files, backbone):
+    from pipeline.device_decode import decoded_on, encoded_batches
+    rows = np.arange(len(odd_files))
+    [on_gpu] = decoded_on(torch.device("cuda"), encoded_batches(odd_files, backbone.transform, rows, 32, 0),
+                          backbone.transform)
+    [on_cpu] = decoded_on(CPU, encoded_batches(odd_files, backbone.transform, rows, 32, 0), backbone.transform)
+    assert on_gpu.failures == on_cpu.failures and on_gpu.images.device.type == "cuda"
+    difference = (on_gpu.images.cpu().float() - on_cpu.images.float()).abs()
+    assert difference.mean() < 1.0
