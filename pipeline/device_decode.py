@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .errors import ImageDecodeError, PipelineError
-from .images import decode_image, read_image_bytes
+from .images import decode_image, one_line, read_image_bytes
 from .sources import Batch
 
 __all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "plain_jpeg"]
@@ -34,17 +34,25 @@ _ORIENTATION = 0x0112  # the EXIF tag of a photo's turn
 _EOI = b"\xff\xd9"     # the marker a whole JPEG ends with
 
 
-def check_device_decoding(transform):
-    """Raise PipelineError unless `--decode device` can run: TorchCodec installed, and the transform
-    torchvision's resize-and-crop recipe (preprocess.FastClassification)."""
+def check_device_decoding(transform, device=torch.device("cpu")):
+    """Raise PipelineError unless `--decode device` can run: TorchCodec installed and able to decode on
+    `device` (one tiny JPEG, so that a build without this CUDA fails here, not file by file), and the
+    transform torchvision's resize-and-crop recipe (preprocess.FastClassification)."""
     try:
-        import torchcodec.decoders  # noqa: F401
+        from torchcodec.decoders import decode_jpeg
     except ImportError:
         raise PipelineError("--decode device needs TorchCodec: pip install -e '.[gpu]' "
                             "(make extract DECODE=device installs it)") from None
     if not all(hasattr(transform, name) for name in ("crop_box", "resize_size", "crop_size", "normalizer")):
         raise PipelineError(f"--decode device runs torchvision's resize-and-crop recipe, not {transform!r}; "
                             f"use --decode cpu for this model")
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(probe, "JPEG")
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode="RGB", device=device)
+    except Exception as e:  # e.g. a TorchCodec built for another CUDA than torch's
+        raise PipelineError(f"TorchCodec cannot decode JPEGs on {device} ({one_line(e)}); install the TorchCodec "
+                            f"build that matches torch's CUDA, or use --decode cpu") from None
 
 
 def plain_jpeg(data):

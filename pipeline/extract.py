@@ -104,14 +104,15 @@ def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_d
     """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then).
     `decode` "device" is checked against `transform` (device_decode.check_device_decoding)."""
     check_engine_options(engine, device, num_workers, decode)
-    if decode == "device":
-        check_device_decoding(transform)
     if engine == "ray":
         from .ray_engine import RayEngine
         return RayEngine(ray_address, ray_data)
     if engine != "local":
         raise PipelineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    return LocalEngine(device, num_workers, decode)
+    runner = LocalEngine(device, num_workers, decode)
+    if decode == "device":
+        check_device_decoding(transform, runner.device)
+    return runner
 
 
 def check_engine_options(engine, device="auto", num_workers=None, decode="cpu"):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from benchmarks.stage_one import cosine
-from conftest import assert_same_codes, textured, write_image, write_jpeg
+from conftest import assert_same_codes, invoke, one_line_error, textured, write_image, write_jpeg
 from test_codes import photos, run  # noqa: F401 (photos: a fixture)
 from pipeline.backbones import load_backbone
 from pipeline.codes import iter_codes
@@ -137,8 +137,16 @@ def test_device_decoding_says_what_it_needs(monkeypatch):
         check_device_decoding(load_backbone("resnet18", "none", preprocessing="reference").transform)
     with pytest.raises(PipelineError, match="for the local engine"):
         open_engine("ray", decode="device")
+    assert "for the local engine" in one_line_error(invoke("extract", "--engine", "ray", "--decode", "device"))
     with pytest.raises(PipelineError, match="unknown decode 'gpu'"):
         open_engine("local", decode="gpu")
+    import torchcodec.decoders
+
+    def no_cuda_here(*args, **kwargs):
+        raise RuntimeError("this build has no CUDA")
+    monkeypatch.setattr(torchcodec.decoders, "decode_jpeg", no_cuda_here)  # as a build for another CUDA
+    with pytest.raises(PipelineError, match="cannot decode JPEGs on cpu .*this build has no CUDA.*--decode cpu"):
+        check_device_decoding(load_backbone("resnet18", "none").transform)
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if TorchCodec were not installed
     with pytest.raises(PipelineError, match=r"pip install -e '\.\[gpu\]'"):
         check_device_decoding(load_backbone("resnet18", "none").transform)
