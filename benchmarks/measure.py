@@ -1,6 +1,11 @@
-"""What the benches share: peak memory as they report it, and where ../shared keeps the real weights."""
+"""What the benches share: the machine as they describe it, peak memory as they report it, the cosine of
+codes, and where ../shared keeps the real weights."""
+import os
+import platform
 import resource
 from pathlib import Path
+
+import numpy as np
 
 MOBILENET_WEIGHTS = Path("weights") / "mobilenet_v2-imagenet-dequantized.pth"  # under --shared
 
@@ -14,3 +19,29 @@ def peak_rss_mb():
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: kB (Linux), bytes (macOS)
+
+
+def cosine(a, b):
+    """Row-wise cosine similarity of two [N, D] arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def machine(device):
+    """The CPU, cores, torch's threads and bf16 support, the GPU: what a figure was measured on."""
+    import torch  # here, so that importing this module loads no torch (the heads bench's scikit-learn runs)
+    import torchvision
+
+    from pipeline.hardware import native_cpu_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_cpu_bf16": native_cpu_bf16(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "python": platform.python_version()}

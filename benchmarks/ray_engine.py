@@ -25,9 +25,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from corpus import make_corpus, repeat_corpus
+from measure import cosine, machine
 from pipeline.sources import Batch
 from pipeline.store import FeatureCache, PartialCache
-from stage_one import IMAGES, LARGE_FACTOR, cosine, in_fresh_process, machine, make_corpus, repeat_corpus
+from stage_one import IMAGES, LARGE_FACTOR, in_fresh_process
 
 ROUNDS = 2                  # local, ray, local, ray
 WRITER_ROWS, WRITER_BATCH = 20_000, 256

@@ -25,10 +25,8 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
 Prints a table and writes REPORTS_DIR/bench.json. A script, not a test: no
 figure here is asserted anywhere.
 """
-import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,8 +39,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torchvision
-from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -51,93 +47,23 @@ from pipeline.codes import image_batches, prepare_model
 from pipeline.datasets import load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features
-from pipeline.hardware import (autocast_for, default_batch_size, default_workers, native_cpu_bf16, resolve_device,
+from pipeline.hardware import (autocast_for, default_batch_size, default_workers, resolve_device,
                                resolve_precision)
 from pipeline.plan import draft_size
 from pipeline.store import FeatureCache
 from pipeline.train import train_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
-from measure import MOBILENET_WEIGHTS, peak_rss_mb  # noqa: E402
+import corpus  # noqa: E402
+from corpus import make_corpus, repeat_corpus  # noqa: E402
+from measure import MOBILENET_WEIGHTS, cosine, machine, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
 
-SIZES = ((500, 375), (1024, 768))  # every other image: a mix of web and phone-photo sizes
-QUALITY = 90
-NOISE = 3.0                        # grey levels of sensor-like noise, so upscaled JPEGs carry real detail
-CLASSES = {"0": "not_emergency", "1": "emergency"}
-RECIPE = "corpus.json"
 IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
 LARGE_FACTOR = 10
 PIPELINE_RUNS = 2                  # pipeline runs, each between two ceiling measurements
 COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
 TARGETS = {"ratio_vs_ceiling": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
-
-
-# ---------------------------------------------------------------------------
-# The corpus
-
-
-def make_corpus(shared, corpus_dir, n):
-    """n photo-sized JPEGs from the vehicles images as corpus_dir/vehicles-photos-N/{train,val,test}/<class>/;
-    made once, reused while its recipe file matches."""
-    root = Path(corpus_dir) / f"vehicles-photos-{n}"
-    recipe = {"source": "vehicles", "images": n, "sizes": [list(s) for s in SIZES], "quality": QUALITY,
-              "noise": NOISE, "version": 1}
-    if _has_recipe(root, recipe):
-        return root
-    source = Path(shared) / "data" / "vehicles"
-    if not (source / "emergency_train.csv").is_file():
-        raise PipelineError(f"{source}: no vehicles data to make the bench corpus from; pass --shared PATH")
-    with open(source / "emergency_train.csv", newline="") as f:
-        rows = [row for row in csv.reader(f)][1:]
-    shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(0)
-    for k in range(n):
-        name, label = rows[k % len(rows)]
-        split = {5: "test", 6: "val"}.get(k % 7, "train")  # every split gets images, even for n = 7
-        path = root / split / CLASSES[label] / f"{k:05d}-{Path(name).stem}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(source / "images" / name) as img:
-            photo(img.convert("RGB"), SIZES[k % 2], rng).save(path, quality=QUALITY)
-    (root / RECIPE).write_text(json.dumps(recipe))
-    return root
-
-
-def photo(img, size, rng):
-    """Crop to the aspect of `size`, upscale (bicubic), add mild noise: like a camera image of that size."""
-    w, h = img.size
-    crop_h = min(h, round(w * size[1] / size[0]))
-    crop_w = min(w, round(crop_h * size[0] / size[1]))
-    left, top = (w - crop_w) // 2, (h - crop_h) // 2
-    big = np.asarray(img.crop((left, top, left + crop_w, top + crop_h)).resize(size, Image.BICUBIC), dtype=np.float32)
-    big += rng.normal(0.0, NOISE, big.shape).astype(np.float32)  # [H, W, 3]
-    return Image.fromarray(np.clip(big, 0, 255).astype(np.uint8))
-
-
-def repeat_corpus(root, times):
-    """The same files `times` over under distinct names (hard links, copies across devices): a 10N set."""
-    big = root.with_name(f"{root.name}-x{times}")
-    recipe = {"of": root.name, "times": times, "source": json.loads((root / RECIPE).read_text())}
-    if _has_recipe(big, recipe):
-        return big
-    shutil.rmtree(big, ignore_errors=True)
-    for path in sorted(root.rglob("*.jpg")):
-        for c in range(times):
-            target = big / path.parent.relative_to(root) / f"c{c}-{path.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
-    (big / RECIPE).write_text(json.dumps(recipe))
-    return big
-
-
-def _has_recipe(root, recipe):
-    try:
-        return json.loads((root / RECIPE).read_text()) == recipe
-    except (OSError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------
@@ -175,12 +101,6 @@ def forward_rate(model, batches, device, precision, warmup=1):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cosine(a, b):
-    """Row-wise cosine similarity of two [N, D] arrays."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def bf16_cosine(backbone, batches, codes, device, precision):
@@ -320,20 +240,6 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
             "reference_cosine": cosine(codes["fp32"], codes["fp32-reference"])}
 
 
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_cpu_bf16": native_cpu_bf16(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "python": platform.python_version()}
-
-
 # ---------------------------------------------------------------------------
 # The run
 
@@ -387,7 +293,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
             scores = vehicles_accuracy(shared, device, None, None, work)
 
     result = {**setup, "memory_format": "channels_last", "jpeg_draft": True, "device": str(device),
-              "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in SIZES], "jpeg_quality": QUALITY,
+              "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,
               "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
               "machine": machine(device),
               **speed_figures(tops, smalls, base, big if large_model == model else None),

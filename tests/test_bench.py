@@ -16,7 +16,7 @@ KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling",
         "vehicles_softmax_test_acc_fp32", "vehicles_softmax_test_acc_bf16",
         "vehicles_softmax_test_acc_delta_points", "vehicles_bf16_cosine_mean", "targets", "steps_ms",
         "fast_cosine_mean", "fast_cosine_min", "startup_build_s", "startup_trace_s", "startup_prepare_s",
-        "startup_first_batch_s", "steady_batch_s")
+        "startup_first_batch_s", "steady_batch_s", "decode")
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def fake_shared(tmp_path):
 @pytest.fixture
 def small_sizes(monkeypatch):
     """Photo sizes scaled down so the tiny run stays fast (one still above 2x the resize: draft runs)."""
-    monkeypatch.setattr(bench, "SIZES", ((300, 225), (640, 520)))
+    monkeypatch.setattr(bench.corpus, "SIZES", ((300, 225), (640, 520)))
 
 
 def test_corpus_is_an_imagefolder_with_splits_and_is_made_once(fake_shared, tmp_path, small_sizes):
@@ -81,6 +81,7 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert written["model"] == written["rss_model"] == "mobilenet_v3_small"
     assert written["ratio_vs_ceiling_large"] == pytest.approx(
         written["pipeline_large_img_s"] / written["ceiling_img_s"], rel=0.01)
+    assert written["decode"] == "cpu"
     assert written["batch_size"] == 4 and written["workers"] >= 0 and written["precision"] in ("fp32", "bf16")
     assert 0.9 < written["bf16_cosine_min"] <= written["bf16_cosine_mean"] <= 1.0 + 1e-6
     assert written["vehicles_softmax_test_acc_fp32"] is None  # no MobileNetV2 weights in this shared

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.stage_one import cosine
+from benchmarks.measure import cosine
 from conftest import assert_same_codes, write_image, write_jpeg
 from pipeline.backbones import load_backbone
 from pipeline.codes import forward, iter_codes

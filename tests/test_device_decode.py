@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.stage_one import cosine
+from benchmarks.measure import cosine
 from conftest import assert_same_codes, invoke, one_line_error, textured, write_image, write_jpeg
 from test_codes import photos, run  # noqa: F401 (photos: a fixture)
 from pipeline.backbones import load_backbone
