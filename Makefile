@@ -76,7 +76,8 @@ train-head: venv
 sweep: venv $(ENGINE_DEPS)
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
-	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) $(ENGINE_OPTS)
+	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) \
+	  $(ENGINE_OPTS)
 
 report: venv
 	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)

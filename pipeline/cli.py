@@ -61,6 +61,12 @@ def _engine_options(f):
     return f
 
 
+def _decode_option(f):
+    return click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
+                        help="cpu: the workers decode (PIL); device: JPEGs decoded where the model runs, nvJPEG on "
+                             "a GPU (pip install -e '.[gpu]').")(f)
+
+
 def _data_options(f):
     f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
     f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
@@ -77,9 +83,7 @@ def _data_options(f):
 @click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
-@click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
-              help="cpu: the workers decode (PIL); device: JPEGs decoded where the model runs, nvJPEG on a GPU "
-                   "(pip install -e '.[gpu]').")
+@_decode_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
@@ -164,11 +168,12 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
+@_decode_option
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @_engine_options
 @_data_options
-def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, reports_dir, quiet,
+def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, reports_dir, quiet,
           engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     from .backbones import load_backbone
@@ -177,14 +182,14 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     from .report import write_report
     from .sweep import run_sweep
 
-    check_engine_options(engine, device, workers)
+    check_engine_options(engine, device, workers, decode)
     table = load_dataset(dataset, data_dir)
     backbone = load_backbone(model, weights)
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
     results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
                                            precision=precision, batch_size=batch_size, num_workers=workers,
                                            progress=not quiet, engine=engine, ray_address=ray_address,
-                                           ray_data=ray_data)
+                                           ray_data=ray_data, decode=decode)
     click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head LAYER=auto HEAD={head}` uses it)")
     write_report(features_dir, reports_dir, data_dir)
     click.echo(f"report: {reports_dir / 'index.html'}")

@@ -162,3 +162,14 @@ def test_nvjpeg_decodes_as_the_cpu_decoder(odd_files, backbone):
     assert on_gpu.failures == on_cpu.failures and on_gpu.images.device.type == "cuda"
     difference = (on_gpu.images.cpu().float() - on_cpu.images.float()).abs()
     assert difference.mean() < 1.0
+
+
+def test_sweep_decodes_on_the_device_when_asked(photos, tmp_path):
+    out = invoke("sweep", "--dataset", photos.name, "--data-dir", photos.parent, "--model", "mobilenet_v3_small",
+                 "--weights", "none", "--device", "cpu", "--decode", "device", "--quiet",
+                 "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
+    assert out.exit_code == 0, out.output
+    [cache] = (tmp_path / "features" / photos.name).glob("*.h5")
+    with h5py.File(cache, "r") as h5:
+        assert h5.attrs["decode"] == "device"
+    assert "for the local engine" in one_line_error(invoke("sweep", "--engine", "ray", "--decode", "device"))
