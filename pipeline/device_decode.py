@@ -32,6 +32,7 @@ __all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "plain_jpeg
 
 _ORIENTATION = 0x0112  # the EXIF tag of a photo's turn
 _EOI = b"\xff\xd9"     # the marker a whole JPEG ends with
+DECODE_CHUNK = 32      # JPEGs decoded per call: full-size pictures of a 256-image batch at once could fill a GPU
 
 
 def check_device_decoding(transform, device=torch.device("cpu")):
@@ -120,11 +121,13 @@ def _decode_batch(batch, transform, device):
     for k, item in enumerate(batch.images):
         if item.dim() == 3:
             images[k] = item.to(device, non_blocking=True)
-    for k, picture in zip(jpegs, _decode_jpegs([batch.images[k] for k in jpegs], device)):
-        if isinstance(picture, ImageDecodeError):
-            images[k], batch.sha256[k], batch.failures[k] = 0, "", str(picture) or "cannot decode"
-        else:
-            images[k] = F.center_crop(F.resize(picture, list(transform.resize_size), antialias=True), [crop])
+    for start in range(0, len(jpegs), DECODE_CHUNK):
+        chunk = jpegs[start:start + DECODE_CHUNK]
+        for k, picture in zip(chunk, _decode_jpegs([batch.images[k] for k in chunk], device)):
+            if isinstance(picture, ImageDecodeError):
+                images[k], batch.sha256[k], batch.failures[k] = 0, "", str(picture) or "cannot decode"
+            else:
+                images[k] = F.center_crop(F.resize(picture, list(transform.resize_size), antialias=True), [crop])
     batch.images = images
     return batch
 

@@ -16,6 +16,7 @@ from conftest import assert_same_codes, invoke, one_line_error, textured, write_
 from test_codes import photos, run  # noqa: F401 (photos: a fixture)
 from pipeline.backbones import load_backbone
 from pipeline.codes import iter_codes
+from pipeline import device_decode
 from pipeline.device_decode import check_device_decoding, plain_jpeg
 from pipeline.errors import PipelineError
 from pipeline.extract import open_engine
@@ -84,7 +85,10 @@ def test_plain_jpeg_is_what_the_decoder_may_take():
     assert not plain_jpeg(b"") and not plain_jpeg(b"\x89PNG\r\n\x1a\n")
 
 
-def test_bad_files_are_skipped_with_the_cpu_paths_reasons_and_good_ones_decode_alike(odd_files, backbone):
+@pytest.mark.parametrize("chunk", [32, 3])  # JPEGs per decoding call: the whole batch, or chunks of it
+def test_bad_files_are_skipped_with_the_cpu_paths_reasons_and_good_ones_decode_alike(odd_files, backbone, chunk,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(device_decode, "DECODE_CHUNK", chunk)
     on_device, device_failures, device_sha = codes_and_failures(odd_files, backbone, "device")
     on_cpu, cpu_failures, cpu_sha = codes_and_failures(odd_files, backbone, "cpu")
     assert device_failures == cpu_failures and device_sha == cpu_sha
