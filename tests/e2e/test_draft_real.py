@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.stage_one import photo
+from benchmarks.corpus import photo
 from pipeline.backbones import load_backbone
 from test_codes import assert_close_codes, codes, run
 
