@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .errors import ImageDecodeError, PipelineError
-from .images import decode_image, one_line, read_image_bytes
+from .images import check_pixel_count, decode_image, one_line, read_image_bytes
 from .sources import Batch
 
 __all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "plain_jpeg"]
@@ -63,10 +63,9 @@ def plain_jpeg(data):
         return False  # cut short (or with bytes after its end): PIL on the CPU says which
     try:
         with Image.open(io.BytesIO(data)) as img:  # the header only
-            limit = Image.MAX_IMAGE_PIXELS or float("inf")
-            return (img.format == "JPEG" and img.mode in ("RGB", "L") and img.size[0] * img.size[1] <= limit
-                    and img.getexif().get(_ORIENTATION, 1) == 1)
-    except Exception:  # not an image, or a header PIL cannot read: the CPU path gives the reason
+            check_pixel_count(img.size[0] * img.size[1])
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(_ORIENTATION, 1) == 1
+    except Exception:  # not an image, a header PIL cannot read, too many pixels: the CPU path gives the reason
         return False
 
 

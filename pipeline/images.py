@@ -52,7 +52,7 @@ def decode_image(data, draft=None):
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never padded with grey
     try:
         with Image.open(io.BytesIO(data)) as img:  # lazy: the size is known, no pixel decoded yet
-            _check_pixel_count(img.size[0] * img.size[1])
+            check_pixel_count(img.size[0] * img.size[1])
             if draft:
                 draft_decode(img, draft)
             return to_rgb(img)  # an animated image gives its first frame
@@ -62,7 +62,7 @@ def decode_image(data, draft=None):
         raise ImageDecodeError(_decode_failure(e)) from None
 
 
-def _check_pixel_count(n):
+def check_pixel_count(n):
     """PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; such images are refused here, never decoded."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit and n > limit:

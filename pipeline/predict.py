@@ -46,7 +46,7 @@ def codes_of_files(head, files, weights=None, device="auto", batch_size=None, en
     runner = open_engine(engine, device, decode=decode, transform=backbone.transform, **ray_options)
     if engine == "local":
         runner.num_workers = min(runner.num_workers, len(files) // FILES_PER_WORKER)
-    draft = None if info.get("decode", "full") == "full" else draft_size(backbone.transform)
+    draft = draft_size(backbone.transform) if info.get("decode", "full").startswith("jpeg-draft") else None
     X, failures = np.zeros((len(files), layer.dim), dtype=np.float32), [""] * len(files)
     for batch, codes in runner.codes(files, backbone, [layer], np.arange(len(files)), info.get("precision", "fp32"),
                                      batch_size or runner.default_batch_size(), draft):

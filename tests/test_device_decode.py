@@ -76,13 +76,15 @@ def codes_and_failures(source, backbone, decode, batch_size=32):
             [f for batch, _ in out for f in batch.failures], [s for batch, _ in out for s in batch.sha256])
 
 
-def test_plain_jpeg_is_what_the_decoder_may_take():
+def test_plain_jpeg_is_what_the_decoder_may_take(monkeypatch):
     good = jpeg_bytes()
     assert plain_jpeg(good) and plain_jpeg(jpeg_bytes(mode="L")) and plain_jpeg(jpeg_bytes(progressive=True))
     assert not plain_jpeg(jpeg_bytes(mode="CMYK"))      # the CPU path converts it
     assert not plain_jpeg(turned_jpeg())                # the CPU path turns it
     assert not plain_jpeg(good[:-100])                  # cut short: PIL gives the reason
     assert not plain_jpeg(b"") and not plain_jpeg(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 320 * 240 - 1)
+    assert not plain_jpeg(good)                         # over the decompression-bomb limit: refused on the CPU
 
 
 @pytest.mark.parametrize("chunk", [32, 3])  # JPEGs per decoding call: the whole batch, or chunks of it
