@@ -63,7 +63,7 @@ IMAGES = 384                       # default N: start-up (~1.3 s) stays under a 
 LARGE_FACTOR = 10
 PIPELINE_RUNS = 2                  # pipeline runs, each between two ceiling measurements
 COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
-TARGETS = {"ratio_vs_ceiling": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
+TARGETS = {"ratio_vs_ceiling": 0.80, "ratio_vs_ceiling_large": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +276,10 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
             loads[f"pipeline_{k + 1}"] = os.getloadavg()[0]
             smalls.append(fresh_extract(root, model, work=work, **run))
             tops.append(forward_rate(prepared, batches, device, setup["precision"])[0])
+        say(f"long run: extract on {LARGE_FACTOR} x {images} images ({large_model}), then the ceiling again")
+        loads["large"] = os.getloadavg()[0]
+        big = fresh_extract(large, large_model, work=work, **run)
+        tops_large = [tops[-1], forward_rate(prepared, batches, device, setup["precision"])[0]]
         del prepared
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
@@ -283,9 +287,6 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         say("bf16: codes against fp32")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches
-        say(f"memory: extract on {LARGE_FACTOR} x {images} images ({large_model})")
-        loads["large"] = os.getloadavg()[0]
-        big = fresh_extract(large, large_model, work=work, **run)
         small_memory = smalls[0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
         scores = None
         if accuracy:
@@ -296,7 +297,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,
               "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
               "machine": machine(device),
-              **speed_figures(tops, smalls, base, big if large_model == model else None),
+              **speed_figures(tops, smalls, base, big if large_model == model else None, tops_large),
               **memory_figures(small_memory, big, large_model),
               **bf16_figures(similarity, compared, scores), **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
@@ -308,9 +309,10 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
     return result
 
 
-def speed_figures(tops, smalls, base, big=None):
+def speed_figures(tops, smalls, base, big=None, tops_large=()):
     """Rates and ratios: the pipeline's mean rate over its runs against the mean of the ceilings
-    measured before, between and after them; `big` (the 10 N run) only when it ran the same model."""
+    measured before, between and after them; `big` (the 10 N run, only when it ran the same model)
+    against the mean of `tops_large`, the ceilings just before and after it."""
     ceiling_rate = float(np.mean(tops))
     pipeline_rate = float(np.mean([small["images_per_s"] for small in smalls]))
     return {"ceiling_img_s": round(ceiling_rate, 2), "pipeline_img_s": round(pipeline_rate, 2),
@@ -321,7 +323,8 @@ def speed_figures(tops, smalls, base, big=None):
             "pipeline_runs_img_s": [round(small["images_per_s"], 2) for small in smalls],
             "pipeline_inner_img_s": round(float(np.mean([small["inner_images_per_s"] for small in smalls])), 2),
             "pipeline_large_img_s": big and round(big["images_per_s"], 2),
-            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / ceiling_rate, 3)}
+            "ceiling_large_runs_img_s": big and [round(t, 2) for t in tops_large],
+            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / float(np.mean(tops_large)), 3)}
 
 
 def memory_figures(small, big, large_model):
@@ -347,6 +350,9 @@ def bf16_figures(similarity, compared, scores):
 
 
 def _met(key, value, target):
+    """None when the figure was not measured (the 10 N run with another model has no ratio)."""
+    if value is None:
+        return None
     return abs(value) <= target if key == "rss_growth" else value >= target
 
 
@@ -370,7 +376,9 @@ def table_text(r):
              f"{r['ratio_vs_ceiling']:.3f} x ceiling ({verdict('ratio_vs_ceiling')}); "
              f"mean of {', '.join(map(str, r['pipeline_runs_img_s']))}"),
         r["pipeline_large_img_s"] and rate("", f"the same on {r['rss_images_large']} images", r["pipeline_large_img_s"],
-                                           f"{r['ratio_vs_ceiling_large']:.3f} x ceiling"),
+                                           f"{r['ratio_vs_ceiling_large']:.3f} x ceiling "
+                                           f"({verdict('ratio_vs_ceiling_large')}); ceilings around it "
+                                           f"{', '.join(map(str, r['ceiling_large_runs_img_s']))}"),
         rate("baseline", "tutorial loop (fp32, batch 4, 4 workers)", r["baseline_img_s"],
              f"pipeline {r['ratio_vs_baseline']:.2f} x baseline ({verdict('ratio_vs_baseline')})"),
         f"  {'memory':<9} extract peak RSS ({r['rss_model']}): "

@@ -113,11 +113,19 @@ class Backbone:
         return _canonical_tap(self.taps(), "penultimate", self.taps()["penultimate"])
 
     def output_shapes(self, nodes):
-        """Shape of each node's output for one image (without the batch axis), by one dry run."""
+        """Shape of each node's output for one image (without the batch axis), by one dry run on the
+        meta device (shapes only: no arithmetic, the weights untouched), or on the CPU where an
+        operation of the model has no meta implementation."""
         key = ("shapes", tuple(sorted(nodes)))
         if key not in self._traced:
+            body, image = self._body(nodes), torch.zeros(1, 3, self.input_size, self.input_size)
             with torch.inference_mode():
-                out = self._body(nodes)(torch.zeros(1, 3, self.input_size, self.input_size))
+                try:
+                    meta = {name: torch.empty_like(value, device="meta")
+                            for name, value in [*body.named_parameters(), *body.named_buffers()]}
+                    out = torch.func.functional_call(body, meta, (image.to("meta"),))
+                except (NotImplementedError, RuntimeError):
+                    out = body(image)
             self._traced[key] = {n: tuple(out[n].shape[1:]) for n in out}
         return self._traced[key]
 

@@ -131,6 +131,23 @@ def test_default_weights_offline_names_both_remedies(monkeypatch, tmp_path):
         load_backbone("resnet18", "default")
 
 
+def test_shapes_from_the_meta_dry_run_match_a_real_one(monkeypatch):
+    specs = ["layer2:grid2", "layer4.1.relu_1:max", "penultimate"]
+    meta = load_backbone("resnet18", "none")
+    weights = [p.detach().clone() for p in meta.model.parameters()]
+    layers = meta.resolve(specs)
+    assert all(torch.equal(a, b) for a, b in zip(weights, meta.model.parameters()))  # restored, on the CPU
+    assert all(p.device.type == "cpu" for p in meta.model.parameters())
+
+    def no_meta_kernel(*args, **kwargs):
+        raise NotImplementedError("an operation without a meta implementation")
+    monkeypatch.setattr(torch.func, "functional_call", no_meta_kernel)
+    real = load_backbone("resnet18", "none").resolve(specs)  # falls back to a dry run on the CPU
+    assert layers == real
+    assert [(layer.raw_shape, layer.dim) for layer in layers] == [((128, 28, 28), 512), ((512, 7, 7), 512),
+                                                                 ((512, 1, 1), 512)]
+
+
 def test_folding_batchnorm_keeps_the_codes_and_the_model():
     backbone = load_backbone("resnet18", "none")
     torch.manual_seed(1)
