@@ -93,3 +93,12 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16" in text
+
+
+def test_decode_workers_memory_sampled_only_when_there_are_some(fake_shared, tmp_path, small_sizes):
+    """Sampling PSS walks the child's page tables (it slows what is timed): only runs with workers pay it."""
+    root = bench.make_corpus(fake_shared, tmp_path / "corpus", 8)
+    run = dict(weights="none", device="cpu", precision="fp32", batch_size=4, work=tmp_path)
+    with_workers = bench.fresh_extract(root, "mobilenet_v3_small", workers=1, **run)
+    assert with_workers["tree_pss_mb"] > 0 and with_workers["images"] == 8
+    assert bench.fresh_extract(root, "mobilenet_v3_small", workers=0, **run)["tree_pss_mb"] is None
