@@ -21,6 +21,7 @@ RAY_DATA    ?= shared
 BATCH       ?=
 WORKERS     ?=
 DECODE      ?= cpu
+COMPILE     ?=
 SHARED      ?= ../shared
 # The torch/torchvision pair installed into .venv (pyproject admits 2.11-2.14 / 0.26-0.29).
 TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
@@ -34,15 +35,15 @@ ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray) $(if $(filter device,$(
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
 help:
-	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [DECODE=cpu|device] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [DECODE=cpu|device] [COMPILE=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
 	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=torch|sklearn] [MEMORY_BUDGET=4G]"
-	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   (every standard tap; choose the layer on val)"
+	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   [COMPILE=1]  (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
-	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv]"
+	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv] [COMPILE=1]"
 	@echo "make taps       MODEL=resnet50"
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
-	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [DECODE=device] [ENGINE=ray: Ray against local]"
+	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [DECODE=device] [COMPILE=1] [ENGINE=ray: Ray against local]"
 	@echo "make bench-heads [SIZES=10000,100000,1000000] [FASHION=60000,3000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy (SIZES= : no synthetic caches)"
 
 venv: $(VENV)/.installed
@@ -65,7 +66,7 @@ $(VENV)/.gpu: $(VENV)/.installed
 extract: venv $(ENGINE_DEPS)
 	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
-	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) \
+	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) $(if $(COMPILE),--compile) \
 	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates) $(ENGINE_OPTS)
 
 train-head: venv
@@ -76,14 +77,14 @@ train-head: venv
 sweep: venv $(ENGINE_DEPS)
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
-	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) \
+	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) $(if $(COMPILE),--compile) \
 	  $(ENGINE_OPTS)
 
 report: venv
 	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)
 
 predict: venv $(ENGINE_DEPS)
-	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE) $(ENGINE_OPTS)
+	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE) $(if $(COMPILE),--compile) $(ENGINE_OPTS)
 
 taps: venv
 	$(CLI) taps $(or $(MODEL),vgg16)
@@ -111,7 +112,7 @@ bench: venv $(ENGINE_DEPS)
 ifeq ($(ENGINE),ray)
 	$(PY) benchmarks/ray_engine.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --precision $(PRECISION) $(call opt,--address,$(RAY_ADDRESS))
 else
-	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION) --decode $(DECODE)
+	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION) --decode $(DECODE) $(if $(COMPILE),--compile)
 endif
 
 clean:

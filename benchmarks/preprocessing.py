@@ -75,16 +75,17 @@ def fast_fidelity(table, model, device, precision, images=128):
             "fast_cosine_images": len(cosine)}
 
 
-def startup_costs(model, weights, batch, device, precision):
+def startup_costs(model, weights, batch, device, precision, compiled=False):
     """Seconds a run pays once: building the backbone, tracing its graph for the layer, preparing the
-    extractor (BatchNorm folded, moved), its first batch; and a later batch, for scale."""
+    extractor (BatchNorm folded, moved), its first batch (`compiled`: compiling it); and a later batch,
+    for scale."""
     t0 = time.perf_counter()
     backbone = load_backbone(model, weights)
     built = time.perf_counter()
     [layer] = backbone.resolve(["penultimate"])
     extractor = backbone.extractor([layer])
     traced = time.perf_counter()
-    extractor = prepare_model(extractor, device)
+    extractor = prepare_model(extractor, device, len(batch) if compiled else None)
     prepared = time.perf_counter()
     times = []
     with torch.inference_mode(), autocast_for(device, precision):

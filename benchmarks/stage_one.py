@@ -70,14 +70,15 @@ TARGETS = {"ratio_vs_ceiling": 0.80, "ratio_vs_ceiling_large": 0.90, "ratio_vs_b
 # The measurements
 
 
-def ceiling(backbone, table, device, precision, batch_size, workers):
-    """Forward-only rate of the pipeline's Extractor, prepared as the loop prepares it, on batches
-    already in memory -> (img/s, codes [N, D], the batches, the model: forward_rate measures again)."""
+def ceiling(backbone, table, device, precision, batch_size, workers, compiled=False):
+    """Forward-only rate of the pipeline's Extractor, prepared as the loop prepares it (`compiled`: through
+    torch.compile, compiled in the warm-up), on batches already in memory -> (img/s, codes [N, D], the
+    batches, the model: forward_rate measures again)."""
     [layer] = backbone.resolve(["penultimate"])
     loader = image_batches(table, backbone.transform, np.arange(len(table)), device, batch_size, workers,
                            draft_size(backbone.transform))
     batches = [batch.images.to(device, memory_format=torch.channels_last) for batch in loader]  # [B, 3, H, W]
-    model = prepare_model(backbone.extractor([layer]), device)
+    model = prepare_model(backbone.extractor([layer]), device, batch_size if compiled else None)
     rate, codes = forward_rate(model, batches, device, precision)
     return rate, codes[layer.name], batches, model
 
@@ -149,21 +150,22 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
 
 
 def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers,
-                  engine="local", ray_address=None, decode="cpu"):
+                  engine="local", ray_address=None, decode="cpu", compiled=False):
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
     table = load_dataset(name, data_dir)
     backbone = load_backbone(model, weights)
     t0 = time.perf_counter()
     result = extract_features(table, backbone, ["penultimate"], features_dir, device=device, precision=precision,
                               batch_size=batch_size, num_workers=workers, progress=False, engine=engine,
-                              ray_address=ray_address, decode=decode)
+                              ray_address=ray_address, decode=decode, compiled=compiled)
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s,
             "maxrss_mb": peak_rss_mb()}
 
 
-def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu"):
+def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu",
+                  compiled=False):
     """child_extract in a new process, cache removed first; the memory of its decode workers sampled
     only when it has some (sampling reads the page tables of a process: 30-50 ms a time for resnet50
     here, a cost the ceiling does not pay)."""
@@ -172,7 +174,7 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
     result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
                               weights=weights, features_dir=str(features), device=str(device),
                               precision=precision, batch_size=batch_size, workers=workers, decode=decode,
-                              sample_memory=bool(workers))
+                              compiled=compiled, sample_memory=bool(workers))
     shutil.rmtree(features, ignore_errors=True)
     return result
 
@@ -251,15 +253,17 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
 
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
               batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
-              large_model=None, device="auto", decode="cpu", say=print):
+              large_model=None, device="auto", decode="cpu", compiled=False, say=print):
     """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
     started = time.perf_counter()
     device = resolve_device(device)
     setup = {"model": model, "weights": weights or "none", "precision": resolve_precision(precision, device),
              "batch_size": batch_size or default_batch_size(device),
-             "workers": default_workers(device) if workers is None else workers, "decode": decode}
+             "workers": default_workers(device) if workers is None else workers, "decode": decode,
+             "compiled": compiled}
     large_model = large_model or model
-    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers", "decode")}}
+    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers", "decode",
+                                                      "compiled")}}
     loads = {}
 
     say(f"corpus: {images} images in {corpus_dir} (made once)")
@@ -274,7 +278,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         say("ceiling: forward pass on batches in memory")
         loads["ceiling"] = os.getloadavg()[0]
         top, codes, batches, prepared = ceiling(backbone, table, device, setup["precision"], setup["batch_size"],
-                                                setup["workers"])
+                                                setup["workers"], compiled)
         tops, smalls = [top], []
         for k in range(PIPELINE_RUNS):  # each run between two ceilings: drift on a shared machine cancels
             say(f"pipeline: extract in a fresh process ({k + 1} of {PIPELINE_RUNS}), then the ceiling again")
@@ -288,7 +292,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         del prepared
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
-                 **startup_costs(model, setup["weights"], batches[0], device, setup["precision"])}
+                 **startup_costs(model, setup["weights"], batches[0], device, setup["precision"], compiled)}
         say("bf16: codes against fp32")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches
@@ -373,6 +377,7 @@ def table_text(r):
         f"{r['precision']} {r['memory_format']}, batch {r['batch_size']}, "
         f"{str(r['workers']) + ' worker processes' if r['workers'] else 'decoding between forward passes'}, "
         f"decoded on the {'device' if r['decode'] == 'device' else 'CPU'}, "
+        f"{'through torch.compile, ' if r.get('compiled') else ''}"
         f"{r['images']} JPEGs ({' and '.join(r['image_sizes'])}, q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
         f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
@@ -439,14 +444,16 @@ def table_text(r):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
               help="Where `extract` decodes the JPEGs (device: nvJPEG on a GPU; pip install -e '.[gpu]').")
+@click.option("--compile", "compiled", is_flag=True, help="The model through torch.compile, in the ceiling and the "
+              "pipeline alike (compiling is start-up: in the pipeline's time, out of the ceiling's).")
 def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, corpus_dir, weights,
-         large_model, device, decode):
+         large_model, device, decode, compiled):
     """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
     try:
         result = run_bench(model=model, images=images, shared=shared, reports_dir=reports_dir, precision=precision,
                            batch_size=batch_size, workers=workers, accuracy=accuracy, corpus_dir=corpus_dir,
                            weights=weights, large_model=large_model, device=device, decode=decode,
-                           say=lambda text: click.echo(text, err=True))
+                           compiled=compiled, say=lambda text: click.echo(text, err=True))
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
     click.echo(table_text(result))

@@ -67,6 +67,12 @@ def _decode_option(f):
                              "a GPU (pip install -e '.[gpu]').")(f)
 
 
+def _compile_option(f):
+    return click.option("--compile", "compiled", is_flag=True,
+                        help="Run the model through torch.compile: the same codes within rounding; compiling takes "
+                             "tens of seconds, so it pays on long runs (a CPU needs a C++ compiler).")(f)
+
+
 def _data_options(f):
     f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
     f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
@@ -84,6 +90,7 @@ def _data_options(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
 @_decode_option
+@_compile_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
@@ -91,8 +98,8 @@ def _data_options(f):
               help="Leave out byte-identical images (all of a group whose labels disagree) before splitting.")
 @_engine_options
 @_data_options
-def extract(dataset, model, layers, weights, device, precision, batch_size, workers, decode, quiet, update, rebuild,
-            drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
+def extract(dataset, model, layers, weights, device, precision, batch_size, workers, decode, compiled, quiet, update,
+            rebuild, drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
@@ -100,14 +107,14 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 
     if update and rebuild:
         raise click.UsageError("--update and --rebuild exclude each other: choose one")
-    check_engine_options(engine, device, workers, decode)
+    check_engine_options(engine, device, workers, decode, compiled)
     table = load_dataset(dataset, data_dir, drop_duplicates=drop_duplicates)
     backbone = load_backbone(model, weights)
     try:
         result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
                                   update=update, rebuild=rebuild, engine=engine, ray_address=ray_address,
-                                  ray_data=ray_data, decode=decode)
+                                  ray_data=ray_data, decode=decode, compiled=compiled)
     except KeyboardInterrupt:
         from .paths import cache_path
         from .store import partial_progress
@@ -169,12 +176,13 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @_decode_option
+@_compile_option
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--quiet", is_flag=True)
 @_engine_options
 @_data_options
-def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, reports_dir, quiet,
-          engine, ray_address, ray_data, data_dir, features_dir):
+def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, compiled, reports_dir,
+          quiet, engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     from .backbones import load_backbone
     from .datasets import load_dataset
@@ -182,14 +190,14 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     from .report import write_report
     from .sweep import run_sweep
 
-    check_engine_options(engine, device, workers, decode)
+    check_engine_options(engine, device, workers, decode, compiled)
     table = load_dataset(dataset, data_dir)
     backbone = load_backbone(model, weights)
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
     results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
                                            precision=precision, batch_size=batch_size, num_workers=workers,
                                            progress=not quiet, engine=engine, ray_address=ray_address,
-                                           ray_data=ray_data, decode=decode)
+                                           ray_data=ray_data, decode=decode, compiled=compiled)
     click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head LAYER=auto HEAD={head}` uses it)")
     write_report(features_dir, reports_dir, data_dir)
     click.echo(f"report: {reports_dir / 'index.html'}")
@@ -215,15 +223,16 @@ def report(features_dir, reports_dir, data_dir):
 @click.option("--weights", default=None, help="Backbone weights if not where the head was trained (default, none, path).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@_compile_option
 @_engine_options
-def predict(head_file, inputs, out, weights, device, batch_size, engine, ray_address, ray_data):
+def predict(head_file, inputs, out, weights, device, batch_size, compiled, engine, ray_address, ray_data):
     """Classify image files or folders with the head's backbone; write path,label,score."""
     from .extract import check_engine_options
     from .predict import predict_files
 
-    check_engine_options(engine, device)
+    check_engine_options(engine, device, compiled=compiled)
     n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size,
-                               engine=engine, ray_address=ray_address, ray_data=ray_data)
+                               engine=engine, compiled=compiled, ray_address=ray_address, ray_data=ray_data)
     click.echo(f"classified {n} images -> {out}" + (f" ({skipped} unreadable, listed with the reason)" if skipped else ""))
 
 

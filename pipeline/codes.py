@@ -10,24 +10,27 @@ records: in worker processes while a GPU computes or, on CPU, by one thread per
 core between forward passes (see hardware.default_workers). An image that cannot
 be decoded runs as zeros and carries its reason in `batch.failures`. The backbone
 runs every requested layer in one forward pass (eval, inference_mode, BatchNorm
-folded, channels_last, autocast at the precision), and nothing waits on a GPU per
-batch: the codes of batch k are copied to host memory while batch k+1 is queued.
+folded, channels_last, autocast at the precision; with `compiled`, torch.compile's
+inductor fuses it further), and nothing waits on a GPU per batch: the codes of batch
+k are copied to host memory while batch k+1 is queued.
 """
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Extractor
 from .device_decode import decoded_on, encoded_batches
-from .errors import ImageDecodeError
+from .errors import ImageDecodeError, PipelineError
 from .hardware import autocast_for, keep_freed_memory
 from .sources import Batch
 
-__all__ = ["iter_codes", "image_batches", "prepare_model", "forward"]
+__all__ = ["iter_codes", "image_batches", "prepare_model", "forward", "Compiled", "check_compiler"]
 
 PREFETCH_BATCHES = 4  # per worker
 
@@ -84,29 +87,68 @@ def image_batches(source, transform, rows, device, batch_size, num_workers, draf
                       prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
-def prepare_model(model, device):
+def prepare_model(model, device, compiled_for=None):
     """The extractor as the loop runs it: BatchNorm folded into convolutions, on `device`,
-    channels_last (on CPU, freed memory kept for reuse)."""
+    channels_last (on CPU, freed memory kept for reuse); with `compiled_for` (a batch size),
+    Compiled for batches of that size."""
     if device.type == "cpu":
         keep_freed_memory()
     if isinstance(model, Extractor):
         model.fold_batchnorm()
-    return model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
+    return Compiled(model, compiled_for) if compiled_for else model
+
+
+class Compiled(nn.Module):
+    """`model` through torch.compile (inductor, its weights frozen into the graph as constants), for
+    one batch size: a smaller batch (the last) is padded with blank images and its codes cut back, and
+    every batch reaches the graph as a tensor made here (its guards also check how a tensor was made),
+    so the graph is compiled once, on the first batch. The codes are the same function as `model`'s;
+    the fused kernels round differently (the README gives the cosines)."""
+
+    def __init__(self, model, batch_size):
+        super().__init__()
+        self.model, self.batch_size, self.ready = model, batch_size, False
+        self.compiled = torch.compile(model, options={"freezing": True})
+
+    def forward(self, images):
+        count = len(images)
+        blank = images.new_zeros((max(self.batch_size - count, 0), *images.shape[1:]))
+        images = torch.cat([images, blank]).contiguous(memory_format=torch.channels_last)
+        if self.ready:
+            outputs = self.compiled(images)
+        else:
+            try:
+                outputs = self.compiled(images)
+            except Exception as e:  # noqa: BLE001 - inductor's errors (no compiler, an unsupported op) vary
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                raise PipelineError(f"torch.compile failed on the first batch: {reason}; leave --compile out "
+                                    "(COMPILE=1 out of make), the codes are the same without it") from None
+            self.ready = True
+        return {name: codes[:count] for name, codes in outputs.items()}
+
+
+def check_compiler(device):
+    """torch.compile on a CPU builds C++: refuse it at once, with the remedy, when no compiler is found."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise PipelineError("--compile on a CPU needs a C++ compiler (g++ or clang++, or CXX naming one) on the "
+                            "PATH: install one (apt install g++), or leave --compile out")
 
 
 def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size, num_workers, draft=None,
-               decode="cpu"):
+               decode="cpu", compiled=False):
     """Yield (Batch, {layer name: codes [B, D] float32 numpy}) for `rows` of `source`, in order.
 
     Decoding starts at the call (worker processes begin before the model is prepared);
     the codes of a row whose failure is not "" are meaningless and must be dropped.
-    `decode`: "cpu" (the workers decode), or "device" (JPEGs decoded where the model runs: device_decode)."""
+    `decode`: "cpu" (the workers decode), or "device" (JPEGs decoded where the model runs: device_decode).
+    `compiled`: the model through torch.compile (Compiled), compiled on the first batch."""
     if decode == "device":
         batches = decoded_on(device, iter(encoded_batches(source, backbone.transform, rows, batch_size, num_workers)),
                              backbone.transform)
     else:
         batches = iter(image_batches(source, backbone.transform, rows, device, batch_size, num_workers, draft))
-    model = prepare_model(backbone.extractor(layers), device)
+    model = prepare_model(backbone.extractor(layers), device, batch_size if compiled else None)
     return forward(model, batches, device, precision)
 
 

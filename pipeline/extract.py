@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import data_checks, note
-from .codes import iter_codes
+from .codes import check_compiler, iter_codes
 from .device_decode import check_device_decoding
 from .errors import PipelineError
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
@@ -52,7 +52,7 @@ class ExtractResult:
 
 def extract_features(table, backbone, layer_specs, features_dir, *, device="auto", precision="auto",
                      batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False,
-                     engine="local", ray_address=None, ray_data="shared", decode="cpu"):
+                     engine="local", ray_address=None, ray_data="shared", decode="cpu", compiled=False):
     """Cache the codes of `layer_specs` for every image of `table`; see module docstring.
 
     `jpeg_draft`: decode JPEGs much larger than the model needs at reduced scale (faster; codes
@@ -62,9 +62,10 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     "local" (this process, on `device`) or "ray" (the Ray cluster at `ray_address`, reading the
     images where `ray_data` says: ray_engine.py); the cache is the same either way. `decode`: "cpu"
     (PIL in the DataLoader's workers), or "device" (JPEGs decoded where the model runs: device_decode);
-    part of the cache key.
+    part of the cache key. `compiled`: the model through torch.compile (codes.Compiled; local engine);
+    the same codes within rounding, so not part of the key, but recorded with the run.
     """
-    runner = open_engine(engine, device, num_workers, ray_address, ray_data, decode, backbone.transform)
+    runner = open_engine(engine, device, num_workers, ray_address, ray_data, decode, backbone.transform, compiled)
     precision = runner.precision(precision)
     path = cache_path(features_dir, table.name, backbone.name, backbone.weights_tag)
     key = cache_key(table, backbone, precision, jpeg_draft, decode)
@@ -86,7 +87,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         rate = rows / seconds if seconds > 0 else 0.0
         where = runner.describe()
         writer.finish({"device": where, "engine": engine, "batch_size": batch_size,
-                       "num_workers": runner.num_workers, "images_per_s": round(rate, 2),
+                       "num_workers": runner.num_workers, "compiled": compiled, "images_per_s": round(rate, 2),
                        "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
@@ -100,28 +101,30 @@ DECODERS = ("cpu", "device")
 
 
 def open_engine(engine, device="auto", num_workers=None, ray_address=None, ray_data="shared", decode="cpu",
-                transform=None):
+                transform=None, compiled=False):
     """The engine that computes the codes: LocalEngine, or ray_engine.RayEngine (Ray imported only then).
     `decode` "device" is checked against `transform` (device_decode.check_device_decoding)."""
-    check_engine_options(engine, device, num_workers, decode)
+    check_engine_options(engine, device, num_workers, decode, compiled)
     if engine == "ray":
         from .ray_engine import RayEngine
         return RayEngine(ray_address, ray_data)
     if engine != "local":
         raise PipelineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    runner = LocalEngine(device, num_workers, decode)
+    runner = LocalEngine(device, num_workers, decode, compiled)
     if decode == "device":
         check_device_decoding(transform, runner.device)
     return runner
 
 
-def check_engine_options(engine, device="auto", num_workers=None, decode="cpu"):
+def check_engine_options(engine, device="auto", num_workers=None, decode="cpu", compiled=False):
     """Refuse the local engine's options given to the Ray one (PipelineError), before anything is loaded."""
     if decode not in DECODERS:
         raise PipelineError(f"unknown decode {decode!r}; use one of {', '.join(DECODERS)}")
     if engine == "ray" and decode == "device":
         raise PipelineError("--decode device is for the local engine: on Ray, CPU tasks of the cluster decode; "
                             "leave it out with --engine ray")
+    if engine == "ray" and compiled:
+        raise PipelineError("--compile is for the local engine: leave it out with --engine ray")
     if engine == "ray" and (device != "auto" or num_workers is not None):
         given = f"--device {device}" if device != "auto" else f"--workers {num_workers}"
         raise PipelineError(f"{given} is for the local engine: on Ray the model runs on the cluster's GPUs "
@@ -130,11 +133,13 @@ def check_engine_options(engine, device="auto", num_workers=None, decode="cpu"):
 
 class LocalEngine:
     """This process on `device`: codes.iter_codes, reading (and with `decode` "cpu", decoding) in
-    `num_workers` processes (None: the default)."""
+    `num_workers` processes (None: the default); `compiled`: through torch.compile."""
 
-    def __init__(self, device="auto", num_workers=None, decode="cpu"):
-        self.device, self.decode = resolve_device(device), decode
+    def __init__(self, device="auto", num_workers=None, decode="cpu", compiled=False):
+        self.device, self.decode, self.compiled = resolve_device(device), decode, compiled
         self.num_workers = default_workers(self.device) if num_workers is None else num_workers
+        if compiled:
+            check_compiler(self.device)
 
     def precision(self, precision):
         return resolve_precision(precision, self.device)
@@ -147,7 +152,8 @@ class LocalEngine:
 
     def codes(self, source, backbone, layers, rows, precision, batch_size, draft=None):
         return iter_codes(source, backbone, layers, rows, device=self.device, precision=precision,
-                          batch_size=batch_size, num_workers=self.num_workers, draft=draft, decode=self.decode)
+                          batch_size=batch_size, num_workers=self.num_workers, draft=draft, decode=self.decode,
+                          compiled=self.compiled)
 
 
 def _resume_writer(path, plan):

@@ -36,14 +36,17 @@ def backbone_for(head, weights=None):
     return backbone
 
 
-def codes_of_files(head, files, weights=None, device="auto", batch_size=None, engine="local", **ray_options):
+def codes_of_files(head, files, weights=None, device="auto", batch_size=None, engine="local", compiled=False,
+                   **ray_options):
     """Codes of the head's layer for every file, as its cache made them -> (X [N, D], failures [N]).
-    `engine`: "local" on `device`, or "ray" (`ray_options`: ray_address, ray_data; see extract.open_engine)."""
+    `engine`: "local" on `device` (`compiled`: through torch.compile), or "ray" (`ray_options`:
+    ray_address, ray_data; see extract.open_engine)."""
     backbone = backbone_for(head, weights)
     [layer] = backbone.resolve([head.layer])
     info = head.provenance
     decode = "device" if info.get("decode") == "device" else "cpu"  # decoded as its cache was
-    runner = open_engine(engine, device, decode=decode, transform=backbone.transform, **ray_options)
+    runner = open_engine(engine, device, decode=decode, transform=backbone.transform, compiled=compiled,
+                         **ray_options)
     if engine == "local":
         runner.num_workers = min(runner.num_workers, len(files) // FILES_PER_WORKER)
     draft = draft_size(backbone.transform) if info.get("decode", "full").startswith("jpeg-draft") else None
@@ -57,12 +60,12 @@ def codes_of_files(head, files, weights=None, device="auto", batch_size=None, en
 
 
 def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None, engine="local",
-                  **ray_options):
+                  compiled=False, **ray_options):
     """Write `path,label,score,skipped` for every image -> (images classified, images skipped).
     The score is the winner's probability, or for an svm head its margin over the runner-up."""
     head = LinearHead(head_file)
     files = ImageFiles(list_images(inputs))
-    X, failures = codes_of_files(head, files, weights, device, batch_size, engine, **ray_options)
+    X, failures = codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
     score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
     labels = head.predict(X)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

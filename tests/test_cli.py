@@ -20,6 +20,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     for command in (("extract", "--dataset", "nope"), ("sweep", "--dataset", "nope"), ("predict", "x.h5", "y")):
         message = one_line_error(invoke(*command, "--engine", "ray", "--device", "cuda"))  # before any loading
         assert "--device cuda is for the local engine" in message
+        message = one_line_error(invoke(*command, "--engine", "ray", "--compile"))
+        assert "--compile is for the local engine" in message
 
 
 def test_taps_and_models_list():

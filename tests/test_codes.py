@@ -2,16 +2,19 @@
 decoding changes (codes stay close to full decoding; it is in the cache key; predict decodes as
 the cache did). No timing is asserted here; benchmarks/stage_one.py measures."""
 import hashlib
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from benchmarks.measure import cosine
 from conftest import assert_same_codes, write_image, write_jpeg
 from pipeline.backbones import load_backbone
-from pipeline.codes import forward, iter_codes
+from pipeline.codes import Compiled, check_compiler, forward, iter_codes
+from pipeline.errors import PipelineError
 from pipeline.datasets import load_dataset
 from pipeline.extract import extract_features
 from pipeline.heads import LinearHead
@@ -142,3 +145,68 @@ def test_iter_codes_carries_each_row_with_its_hash_and_failure(tmp_path, random_
     assert batch.failures == ["", "", "empty file (0 bytes)"] and batch.sha256[2] == ""
     assert batch.sha256[0] == hashlib.sha256(files[4].read_bytes()).hexdigest()
     assert pairs[0][1]["avgpool"].shape == (3, 1280)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile (--compile)
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                                    reason="torch.compile on a CPU builds C++: no g++ or clang++ here")
+
+
+class SmallNet(nn.Module):
+    """Convolution, BatchNorm, ReLU, then two codes: a model for compiling in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+
+    def forward(self, images):
+        maps = self.body(images)
+        return {"avg": maps.mean(dim=(2, 3)), "max": maps.amax(dim=(2, 3))}
+
+
+@needs_compiler
+def test_compiled_gives_the_models_codes_and_compiles_once(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a padded batch must not recompile
+    model = SmallNet()
+    compiled = Compiled(model, batch_size=4)
+    for count in (4, 3, 1, 4):  # the smaller ones padded to 4, their codes cut back
+        images = torch.rand(count, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            got, want = compiled(images), model(images)
+        assert set(got) == {"avg", "max"}
+        for name in want:
+            assert got[name].shape == (count, 8)
+            assert torch.allclose(got[name], want[name], atol=1e-5), name
+
+
+def test_a_failed_compile_says_how_to_go_on(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C++ compiler\n(more lines)")
+    monkeypatch.setattr(torch, "compile", lambda model, **options: broken)
+    with pytest.raises(PipelineError, match="torch.compile failed on the first batch: InductorError: no working C.. "
+                                            "compiler .more lines.; leave --compile out"):
+        Compiled(SmallNet(), 2)(torch.rand(2, 3, 16, 16))
+
+
+def test_compile_on_a_cpu_without_a_compiler_is_refused_at_once(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(PipelineError, match=r"needs a C\+\+ compiler.*\(apt install g\+\+\), or leave --compile out"):
+        check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("cuda"))  # a GPU's kernels come from Triton, not from here
+
+
+@needs_compiler
+def test_extract_compiled_gives_the_same_cache_as_eager(photos):
+    backbone = load_backbone("resnet18", "none")
+    eager = run(photos, backbone, batch_size=5)  # 12 images: the last batch of 2 is padded when compiled
+    eager_codes = codes(eager)
+    with FeatureCache(eager.path) as cache:
+        assert not cache.attrs["compiled"]
+    compiled = run(photos, backbone, batch_size=5, compiled=True, rebuild=True)
+    assert compiled.status == "extracted" and compiled.path == eager.path  # not part of the key: the same file
+    assert cosine(eager_codes, codes(compiled)).min() > 0.9999
+    with FeatureCache(compiled.path) as cache:
+        assert cache.attrs["compiled"]
