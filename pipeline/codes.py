@@ -108,7 +108,7 @@ class Compiled(nn.Module):
 
     def __init__(self, model, batch_size):
         super().__init__()
-        self.model, self.batch_size, self.ready = model, batch_size, False
+        self.batch_size, self.ready = batch_size, False
         self.compiled = torch.compile(model, options={"freezing": True})
 
     def forward(self, images):

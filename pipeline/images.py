@@ -106,8 +106,8 @@ def draft_decode(img, size):
 
 def to_rgb(img):
     """Any PIL image -> RGB: EXIF orientation applied, alpha over white, 16-bit scaled. `img` (a
-    freshly opened file) is decoded and turned upright in place; an RGB image is returned as itself,
-    not copied (two copies were an eighth of the work per photo)."""
+    freshly opened file) is decoded and turned upright in place, and an RGB image is returned as
+    itself: a photo is not copied on its way to the resize."""
     img.load()
     ImageOps.exif_transpose(img, in_place=True)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
