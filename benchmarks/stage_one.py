@@ -167,8 +167,8 @@ def child_extract(data_dir, name, model, weights, features_dir, device, precisio
 def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu",
                   compiled=False):
     """child_extract in a new process, cache removed first; the memory of its decode workers sampled
-    only when it has some (sampling reads the page tables of a process: 30-50 ms a time for resnet50
-    here, a cost the ceiling does not pay)."""
+    only when it has some (each sample walks the process's page tables: a cost to the run being timed
+    that the ceiling does not pay)."""
     features = Path(work) / f"features-{root.name}"
     shutil.rmtree(features, ignore_errors=True)
     result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
@@ -392,7 +392,7 @@ def table_text(r):
                                            f"({verdict('ratio_vs_ceiling_large')}); ceilings around it "
                                            f"{', '.join(map(str, r['ceiling_large_runs_img_s']))}"),
         rate("baseline", "tutorial loop (fp32, batch 4, 4 workers)", r["baseline_img_s"],
-             f"pipeline {r['ratio_vs_baseline']:.2f} x baseline ({verdict('ratio_vs_baseline')})"),
+             f"pipeline {r['ratio_vs_baseline']:.3f} x baseline ({verdict('ratio_vs_baseline')})"),
         f"  {'memory':<9} extract peak RSS ({r['rss_model']}): "
         f"{r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
         f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB, {100 * r['rss_growth']:+.1f}% "
