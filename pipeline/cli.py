@@ -69,8 +69,9 @@ def _decode_option(f):
 
 def _compile_option(f):
     return click.option("--compile", "compiled", is_flag=True,
-                        help="Run the model through torch.compile: the same codes within rounding; compiling takes "
-                             "tens of seconds, so it pays on long runs (a CPU needs a C++ compiler).")(f)
+                        help="Run the model through torch.compile (the same codes within rounding). Compiling adds "
+                             "start-up; it is meant for long runs on a GPU (README: Compiling the model). A CPU "
+                             "needs a C++ compiler.")(f)
 
 
 def _data_options(f):
