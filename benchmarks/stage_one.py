@@ -192,11 +192,11 @@ def in_fresh_process(function, sample_memory=False, **args):
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, function, json.dumps(args), here], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     peak = [0.0 if sample_memory else None]
-    sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True)
-    if sample_memory:
+    sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True) if sample_memory else None
+    if sampler:
         sampler.start()
     out, err = proc.communicate()
-    if sample_memory:
+    if sampler:
         sampler.join()
     if proc.returncode != 0:
         raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")

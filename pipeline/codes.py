@@ -115,16 +115,15 @@ class Compiled(nn.Module):
         count = len(images)
         blank = images.new_zeros((max(self.batch_size - count, 0), *images.shape[1:]))
         images = torch.cat([images, blank]).contiguous(memory_format=torch.channels_last)
-        if self.ready:
+        try:
             outputs = self.compiled(images)
-        else:
-            try:
-                outputs = self.compiled(images)
-            except Exception as e:  # noqa: BLE001 - inductor's errors (no compiler, an unsupported op) vary
-                reason = " ".join(str(e).split())[:300] or type(e).__name__
-                raise PipelineError(f"torch.compile failed on the first batch: {reason}; leave --compile out "
-                                    "(COMPILE=1 out of make), the codes are the same without it") from None
-            self.ready = True
+        except Exception as e:  # noqa: BLE001 - inductor's errors (no compiler, an unsupported op) vary
+            if self.ready:
+                raise
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise PipelineError(f"torch.compile failed on the first batch: {reason}; leave --compile out "
+                                "(COMPILE=1 out of make), the codes are the same without it") from None
+        self.ready = True
         return {name: codes[:count] for name, codes in outputs.items()}
 
 
