@@ -43,7 +43,7 @@ help:
 	@echo "make taps       MODEL=resnet50"
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
-	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [DECODE=device] [COMPILE=1] [ENGINE=ray: Ray against local]"
+	@echo "make bench      stage-one speed and memory against the ceiling and the tutorial loop [DECODE=device] [COMPILE=1] [LARGE_FACTOR=10: the long run, N x this] [ENGINE=ray: Ray against local]"
 	@echo "make bench-heads [SIZES=10000,100000,1000000] [FASHION=60000,3000] [CACHES='a.h5 b.h5@features.14']  stage-two speed, memory, accuracy (SIZES= : no synthetic caches)"
 
 venv: $(VENV)/.installed
@@ -112,7 +112,7 @@ bench: venv $(ENGINE_DEPS)
 ifeq ($(ENGINE),ray)
 	$(PY) benchmarks/ray_engine.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --precision $(PRECISION) $(call opt,--address,$(RAY_ADDRESS))
 else
-	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION) --decode $(DECODE) $(if $(COMPILE),--compile)
+	$(PY) benchmarks/stage_one.py $(call opt,--model,$(MODEL)) $(call opt,--images,$(IMAGES)) --shared $(SHARED) --reports-dir $(REPORTS_DIR) --device $(DEVICE) --precision $(PRECISION) --decode $(DECODE) $(if $(COMPILE),--compile) $(call opt,--large-factor,$(LARGE_FACTOR))
 endif
 
 clean:

@@ -63,7 +63,7 @@ def photo(img, size, rng):
 
 
 def repeat_corpus(root, times):
-    """The same files `times` over under distinct names (hard links, copies across devices): a 10N set."""
+    """The same files `times` over under distinct names (hard links, copies across devices): the long run's set."""
     big = root.with_name(f"{root.name}-x{times}")
     recipe = {"of": root.name, "times": times, "source": json.loads((root / RECIPE).read_text())}
     if _has_recipe(big, recipe):

@@ -1,8 +1,13 @@
-"""What the benches share: the machine as they describe it, peak memory as they report it, the cosine of
-codes, and where ../shared keeps the real weights."""
+"""What the benches share: the machine as they describe it, peak memory as they report it, a function run
+in a fresh process, the cosine of codes, and where ../shared keeps the real weights."""
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,53 @@ def peak_rss_mb():
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: kB (Linux), bytes (macOS)
+
+
+_CHILD = ("import importlib, json, sys; sys.path.insert(0, sys.argv[4]); module = importlib.import_module(sys.argv[1]); "
+          "print(json.dumps(getattr(module, sys.argv[2])(**json.loads(sys.argv[3]))))")
+
+
+def in_fresh_process(module, function, sample_memory=False, **args):
+    """benchmarks/<module>.<function>(**args) in a new Python process -> its result (JSON), plus
+    (`sample_memory`) the peak PSS of the process and its DataLoader workers, sampled from /proc, else None."""
+    from pipeline.errors import PipelineError
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, module, function, json.dumps(args), str(here)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0.0 if sample_memory else None]
+    sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True) if sample_memory else None
+    if sampler:
+        sampler.start()
+    out, err = proc.communicate()
+    if sampler:
+        sampler.join()
+    if proc.returncode != 0:
+        raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "tree_pss_mb": peak[0]}
+
+
+def _sample_pss(proc, peak, every=0.5):
+    while proc.poll() is None:
+        peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+        time.sleep(every)
+
+
+def tree_pss_mb(pid):
+    """Proportional set size of a process and its descendants (shared pages counted once), in MB."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration, ValueError):
+            continue  # the process ended meanwhile
+    return total / 1024
 
 
 def cosine(a, b):

@@ -26,10 +26,10 @@ import click
 import numpy as np
 
 from corpus import make_corpus, repeat_corpus
-from measure import cosine, machine
+from measure import cosine, in_fresh_process, machine
 from pipeline.sources import Batch
 from pipeline.store import FeatureCache, PartialCache
-from stage_one import IMAGES, LARGE_FACTOR, in_fresh_process
+from stage_one import IMAGES, LARGE_FACTOR
 
 ROUNDS = 2                  # local, ray, local, ray
 WRITER_ROWS, WRITER_BATCH = 20_000, 256
@@ -57,7 +57,7 @@ def engines(root, model, precision, batch_size, address, work, rounds=ROUNDS):
         for engine in ("local", "ray"):
             features = Path(work) / f"{root.name}-{engine}-{k}"
             runs[engine].append(in_fresh_process(
-                "child_extract", data_dir=str(root.parent), name=root.name, model=model, weights="none",
+                "stage_one", "child_extract", data_dir=str(root.parent), name=root.name, model=model, weights="none",
                 features_dir=str(features), device="auto", precision=precision, batch_size=batch_size, workers=None,
                 engine=engine, ray_address=address if engine == "ray" else None))
             caches[engine] = next(features.rglob("*.h5"))

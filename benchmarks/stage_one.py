@@ -2,6 +2,7 @@
 
     python benchmarks/stage_one.py                            # resnet50, the defaults (`make bench`)
     python benchmarks/stage_one.py --model resnet18 --images 64 --no-accuracy
+    python benchmarks/stage_one.py --device cuda --large-factor 100   # a GPU: 38,400 images in the long run
 
 One run, one model, the same images throughout: a corpus made from the vehicles
 JPEGs upscaled to photo sizes (half 500x375, half 1024x768, quality 90), an
@@ -9,15 +10,17 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
 
     ceiling   the Extractor alone on batches already in memory, prepared as the loop
               prepares it (BatchNorm folded, channels_last), at its precision and batch
-              size (warm-up excluded); measured before, between and after the pipeline runs
+              size (warm-up excluded; the batches timed again until MIN_TIMED_BATCHES ran,
+              as a GPU's batches are few); measured before, between and after the pipeline runs
     pipeline  extract_features in a fresh process, image files to a finished HDF5 cache,
               twice; the ratio is the mean pipeline rate over the mean ceiling, so that
               drift on a shared machine hits both sides
     baseline  the tutorial loop: ImageFolder + DataLoader(batch 4, 4 workers), fp32,
               no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays
               (first thing in the bench's own process)
-    memory    peak RSS of that fresh `extract` process on N images and on 10N (the same
-              files hard-linked under other names)
+    long run  the same on N x --large-factor images (10 N; the same files hard-linked under
+              other names), against the ceilings just before and after it
+    memory    peak RSS of that fresh `extract` process on N images and on the long run's
     bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real
               MobileNetV2 weights in --shared) the vehicles softmax test accuracy of
               an fp32 cache against a bf16 cache
@@ -28,10 +31,8 @@ figure here is asserted anywhere.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -56,14 +57,15 @@ from pipeline.train import train_head
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
 import corpus  # noqa: E402
 from corpus import make_corpus, repeat_corpus  # noqa: E402
-from measure import MOBILENET_WEIGHTS, cosine, machine, peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, cosine, in_fresh_process, machine, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
+from stage_one_table import bf16_figures, memory_figures, speed_figures, table_text, targets  # noqa: E402
 
 IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
-LARGE_FACTOR = 10
+LARGE_FACTOR = 10                  # the long run and the memory run: 10 N images
+MIN_TIMED_BATCHES = 8              # the ceiling times at least this many batches (a GPU's 256-image batches)
 PIPELINE_RUNS = 2                  # pipeline runs, each between two ceiling measurements
 COSINE_IMAGES = 128                # codes compared at both precisions (the other one may be slow)
-TARGETS = {"ratio_vs_ceiling": 0.80, "ratio_vs_ceiling_large": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
 
 
 # ---------------------------------------------------------------------------
@@ -84,19 +86,24 @@ def ceiling(backbone, table, device, precision, batch_size, workers, compiled=Fa
 
 
 def forward_rate(model, batches, device, precision, warmup=1):
-    """img/s of `model` over `batches` after `warmup` batches, and its codes {name: [N, D]}."""
+    """img/s of `model` over `batches` (run again until MIN_TIMED_BATCHES ran) after `warmup` batches,
+    and its codes of `batches` {name: [N, D]}."""
+    rounds = -(-MIN_TIMED_BATCHES // len(batches))
     outputs = []
     with torch.inference_mode(), autocast_for(device, precision):
         for images in batches[:warmup]:
             model(images)
         _sync(device)
         t0 = time.perf_counter()
-        for images in batches:
-            outputs.append(model(images))
+        for k in range(rounds):
+            for images in batches:
+                out = model(images)
+                if k == 0:
+                    outputs.append(out)
         _sync(device)
         seconds = time.perf_counter() - t0
     codes = {name: np.concatenate([out[name].float().cpu().numpy() for out in outputs]) for name in outputs[0]}
-    return sum(len(b) for b in batches) / seconds, codes
+    return rounds * sum(len(b) for b in batches) / seconds, codes
 
 
 def _sync(device):
@@ -171,58 +178,12 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
     that the ceiling does not pay)."""
     features = Path(work) / f"features-{root.name}"
     shutil.rmtree(features, ignore_errors=True)
-    result = in_fresh_process("child_extract", data_dir=str(root.parent), name=root.name, model=model,
+    result = in_fresh_process("stage_one", "child_extract", data_dir=str(root.parent), name=root.name, model=model,
                               weights=weights, features_dir=str(features), device=str(device),
                               precision=precision, batch_size=batch_size, workers=workers, decode=decode,
                               compiled=compiled, sample_memory=bool(workers))
     shutil.rmtree(features, ignore_errors=True)
     return result
-
-
-_CHILD = ("import json, sys; sys.path.insert(0, sys.argv[3]); import stage_one; "
-          "print(json.dumps(getattr(stage_one, sys.argv[1])(**json.loads(sys.argv[2]))))")
-
-
-def in_fresh_process(function, sample_memory=False, **args):
-    """stage_one.<function>(**args) in a new Python process -> its result, plus (`sample_memory`) the
-    peak PSS of the process and its DataLoader workers, sampled from /proc, else None."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    here = str(Path(__file__).resolve().parent)
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function, json.dumps(args), here], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0.0 if sample_memory else None]
-    sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True) if sample_memory else None
-    if sampler:
-        sampler.start()
-    out, err = proc.communicate()
-    if sampler:
-        sampler.join()
-    if proc.returncode != 0:
-        raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")
-    return {**json.loads(out.strip().splitlines()[-1]), "tree_pss_mb": peak[0]}
-
-
-def _sample_pss(proc, peak, every=0.5):
-    while proc.poll() is None:
-        peak[0] = max(peak[0], tree_pss_mb(proc.pid))
-        time.sleep(every)
-
-
-def tree_pss_mb(pid):
-    """Proportional set size of a process and its descendants (shared pages counted once), in MB."""
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration, ValueError):
-            continue  # the process ended meanwhile
-    return total / 1024
 
 
 def vehicles_accuracy(shared, device, batch_size, workers, work):
@@ -251,9 +212,31 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
 # The run
 
 
+def speed_runs(backbone, table, root, large, large_model, setup, run, work, say, loads):
+    """The ceiling, the pipeline runs each between two ceilings, the long run between two more -> their
+    rates (tops, smalls, big, tops_large), and the ceiling's codes and batches; `loads`: each phase's
+    load average."""
+    device, precision = run["device"], setup["precision"]
+    say("ceiling: forward pass on batches in memory")
+    loads["ceiling"] = os.getloadavg()[0]
+    top, codes, batches, prepared = ceiling(backbone, table, device, precision, setup["batch_size"], setup["workers"],
+                                            setup["compiled"])
+    tops, smalls = [top], []
+    for k in range(PIPELINE_RUNS):  # each run between two ceilings: drift on a shared machine cancels
+        say(f"pipeline: extract in a fresh process ({k + 1} of {PIPELINE_RUNS}), then the ceiling again")
+        loads[f"pipeline_{k + 1}"] = os.getloadavg()[0]
+        smalls.append(fresh_extract(root, setup["model"], work=work, **run))
+        tops.append(forward_rate(prepared, batches, device, precision)[0])
+    say(f"long run: extract on {large.name} ({large_model}), then the ceiling again")
+    loads["large"] = os.getloadavg()[0]
+    big = fresh_extract(large, large_model, work=work, **run)
+    tops_large = [tops[-1], forward_rate(prepared, batches, device, precision)[0]]
+    return {"tops": tops, "smalls": smalls, "big": big, "tops_large": tops_large, "codes": codes, "batches": batches}
+
+
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
               batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
-              large_model=None, device="auto", decode="cpu", compiled=False, say=print):
+              large_model=None, device="auto", decode="cpu", compiled=False, large_factor=LARGE_FACTOR, say=print):
     """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
     started = time.perf_counter()
     device = resolve_device(device)
@@ -268,35 +251,22 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
 
     say(f"corpus: {images} images in {corpus_dir} (made once)")
     root = make_corpus(shared, corpus_dir, images)
-    large = repeat_corpus(root, LARGE_FACTOR)
+    large = repeat_corpus(root, large_factor)
     table = load_dataset(root.name, root.parent)
     backbone = load_backbone(model, setup["weights"])
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
-        say("baseline: the tutorial loop")
+        say("baseline: the tutorial loop")  # first: prepare_model changes how this process allocates
         loads["baseline"] = os.getloadavg()[0]
         base = baseline(root, model, setup["weights"], device)
-        say("ceiling: forward pass on batches in memory")
-        loads["ceiling"] = os.getloadavg()[0]
-        top, codes, batches, prepared = ceiling(backbone, table, device, setup["precision"], setup["batch_size"],
-                                                setup["workers"], compiled)
-        tops, smalls = [top], []
-        for k in range(PIPELINE_RUNS):  # each run between two ceilings: drift on a shared machine cancels
-            say(f"pipeline: extract in a fresh process ({k + 1} of {PIPELINE_RUNS}), then the ceiling again")
-            loads[f"pipeline_{k + 1}"] = os.getloadavg()[0]
-            smalls.append(fresh_extract(root, model, work=work, **run))
-            tops.append(forward_rate(prepared, batches, device, setup["precision"])[0])
-        say(f"long run: extract on {LARGE_FACTOR} x {images} images ({large_model}), then the ceiling again")
-        loads["large"] = os.getloadavg()[0]
-        big = fresh_extract(large, large_model, work=work, **run)
-        tops_large = [tops[-1], forward_rate(prepared, batches, device, setup["precision"])[0]]
-        del prepared
+        speed = speed_runs(backbone, table, root, large, large_model, setup, run, work, say, loads)
+        codes, batches = speed.pop("codes"), speed.pop("batches")
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
                  **startup_costs(model, setup["weights"], batches[0], device, setup["precision"], compiled)}
         say("bf16: codes against fp32")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches
-        small_memory = smalls[0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
+        small_memory = speed["smalls"][0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
         scores = None
         if accuracy:
             say("accuracy: vehicles, MobileNetV2, fp32 cache and bf16 cache")
@@ -306,130 +276,22 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,
               "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
               "machine": machine(device),
-              **speed_figures(tops, smalls, base, big if large_model == model else None, tops_large),
-              **memory_figures(small_memory, big, large_model),
+              **speed_figures(speed["tops"], speed["smalls"], base, speed["big"] if large_model == model else None,
+                              speed["tops_large"]),
+              **memory_figures(small_memory, speed["big"], large_model),
               **bf16_figures(similarity, compared, scores), **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
               "seconds": round(time.perf_counter() - started, 1)}
-    result["targets"] = {key: {"target": target, "met": _met(key, result[key], target)}
-                         for key, target in TARGETS.items()}
+    result["targets"] = targets(result)
     Path(reports_dir).mkdir(parents=True, exist_ok=True)
     (Path(reports_dir) / "bench.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def speed_figures(tops, smalls, base, big=None, tops_large=()):
-    """Rates and ratios: the pipeline's mean rate over its runs against the mean of the ceilings
-    measured before, between and after them; `big` (the 10 N run, only when it ran the same model)
-    against the mean of `tops_large`, the ceilings just before and after it."""
-    ceiling_rate = float(np.mean(tops))
-    pipeline_rate = float(np.mean([small["images_per_s"] for small in smalls]))
-    return {"ceiling_img_s": round(ceiling_rate, 2), "pipeline_img_s": round(pipeline_rate, 2),
-            "baseline_img_s": round(base["images_per_s"], 2),
-            "ratio_vs_ceiling": round(pipeline_rate / ceiling_rate, 3),
-            "ratio_vs_baseline": round(pipeline_rate / base["images_per_s"], 3),
-            "ceiling_runs_img_s": [round(t, 2) for t in tops],
-            "pipeline_runs_img_s": [round(small["images_per_s"], 2) for small in smalls],
-            "pipeline_inner_img_s": round(float(np.mean([small["inner_images_per_s"] for small in smalls])), 2),
-            "pipeline_large_img_s": big and round(big["images_per_s"], 2),
-            "ceiling_large_runs_img_s": big and [round(t, 2) for t in tops_large],
-            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / float(np.mean(tops_large)), 3)}
-
-
-def memory_figures(small, big, large_model):
-    """Peak memory on N and on 10 N images, both runs with `large_model`."""
-    return {"rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
-            "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
-            "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model": large_model,
-            "rss_what": "peak RSS (VmHWM) of a fresh extract process; tree_pss: it and its decode workers, sampled "
-                        "(only when it has some)",
-            "tree_pss_small_mb": small["tree_pss_mb"] and round(small["tree_pss_mb"], 1),
-            "tree_pss_large_mb": big["tree_pss_mb"] and round(big["tree_pss_mb"], 1)}
-
-
-def bf16_figures(similarity, compared, scores):
-    """What bf16 changes: in the codes, and (when measured) in vehicles test accuracy."""
-    return {"bf16_cosine_mean": round(float(similarity.mean()), 6),
-            "bf16_cosine_min": round(float(similarity.min()), 6), "bf16_cosine_images": compared,
-            "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
-            "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
-            "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
-            "vehicles_bf16_cosine_mean": scores and round(float(scores["cosine"].mean()), 6),
-            "vehicles_bf16_cosine_min": scores and round(float(scores["cosine"].min()), 6),
-            "vehicles_softmax_test_acc_fp32_reference": scores and round(scores["fp32-reference"], 4),
-            "vehicles_fast_cosine_min": scores and round(float(scores["reference_cosine"].min()), 6)}
-
-
-def _met(key, value, target):
-    """None when the figure was not measured (the 10 N run with another model has no ratio)."""
-    if value is None:
-        return None
-    return abs(value) <= target if key == "rss_growth" else value >= target
-
-
-def table_text(r):
-    """The printed summary of a bench result."""
-    m, t = r["machine"], r["targets"]
-    verdict = lambda key: f"target {t[key]['target']}: {'met' if t[key]['met'] else 'NOT met'}"
-    rate = lambda name, what, value, note="": f"  {name:<9} {what:<41} {value:7.2f} img/s   {note}".rstrip()
-    lines = [
-        f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), "
-        f"{r['precision']} {r['memory_format']}, batch {r['batch_size']}, "
-        f"{str(r['workers']) + ' worker processes' if r['workers'] else 'decoding between forward passes'}, "
-        f"decoded on the {'device' if r['decode'] == 'device' else 'CPU'}, "
-        f"{'through torch.compile, ' if r.get('compiled') else ''}"
-        f"{r['images']} JPEGs ({' and '.join(r['image_sizes'])}, q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
-        f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
-        "",
-        rate("ceiling", "forward pass only, batches in memory", r["ceiling_img_s"],
-             f"mean of {', '.join(map(str, r['ceiling_runs_img_s']))}"),
-        rate("pipeline", "extract, files -> HDF5, fresh process", r["pipeline_img_s"],
-             f"{r['ratio_vs_ceiling']:.3f} x ceiling ({verdict('ratio_vs_ceiling')}); "
-             f"mean of {', '.join(map(str, r['pipeline_runs_img_s']))}"),
-        r["pipeline_large_img_s"] and rate("", f"the same on {r['rss_images_large']} images", r["pipeline_large_img_s"],
-                                           f"{r['ratio_vs_ceiling_large']:.3f} x ceiling "
-                                           f"({verdict('ratio_vs_ceiling_large')}); ceilings around it "
-                                           f"{', '.join(map(str, r['ceiling_large_runs_img_s']))}"),
-        rate("baseline", "tutorial loop (fp32, batch 4, 4 workers)", r["baseline_img_s"],
-             f"pipeline {r['ratio_vs_baseline']:.3f} x baseline ({verdict('ratio_vs_baseline')})"),
-        f"  {'memory':<9} extract peak RSS ({r['rss_model']}): "
-        f"{r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
-        f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB, {100 * r['rss_growth']:+.1f}% "
-        f"(within {100 * t['rss_growth']['target']:.0f}%: {'met' if t['rss_growth']['met'] else 'NOT met'})"
-        + (f"; with workers (PSS) {r['tree_pss_small_mb']:.0f} / {r['tree_pss_large_mb']:.0f} MB"
-           if r["tree_pss_small_mb"] else ""),
-        f"  {'bf16':<9} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
-        f"({r['bf16_cosine_images']} images)",
-    ]
-    if r["vehicles_softmax_test_acc_fp32"] is not None:
-        lines.append(f"  {'':<9} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
-                     f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
-                     f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points); MobileNetV2 codes of bf16 to "
-                     f"fp32: cosine mean {r['vehicles_bf16_cosine_mean']:.5f}, min {r['vehicles_bf16_cosine_min']:.5f}")
-    st = r["steps_ms"]
-    lines.append(f"  {'steps':<9} ms per image, one thread: decode {st['decode']:.2f}; torchvision's recipe: resize "
-                 f"{st['resize']:.2f}, crop {st['crop']:.2f}, to tensor {st['to_tensor']:.2f}, normalise "
-                 f"{st['normalise']:.2f} (with decode {st['reference_total']:.2f}); fast: one resize to uint8 "
-                 f"{st['fast_resize_crop_to_uint8']:.2f}, normalise per batch {st['fast_normalise_per_batch']:.2f} "
-                 f"(with decode {st['fast_total']:.2f})")
-    lines.append(f"  {'fidelity':<9} codes of the fast recipe against torchvision's: cosine mean {r['fast_cosine_mean']:.6f}, "
-                 f"min {r['fast_cosine_min']:.6f} ({r['fast_cosine_images']} images)")
-    if r["vehicles_softmax_test_acc_fp32_reference"] is not None:
-        lines.append(f"  {'':<9} vehicles softmax test accuracy, fp32: fast {r['vehicles_softmax_test_acc_fp32']:.4f}, "
-                     f"torchvision's recipe {r['vehicles_softmax_test_acc_fp32_reference']:.4f}; MobileNetV2 codes "
-                     f"cosine min {r['vehicles_fast_cosine_min']:.6f}")
-    lines.append(f"  {'start-up':<9} build {r['startup_build_s']:.2f} s, trace {r['startup_trace_s']:.2f} s, prepare "
-                 f"{r['startup_prepare_s']:.2f} s, first batch {r['startup_first_batch_s']:.2f} s (a later batch "
-                 f"{r['steady_batch_s']:.2f} s)")
-    lines.append(f"  ({r['seconds']:.0f} s in all)")
-    return "\n".join(line for line in lines if line is not None)
-
-
 @click.command()
 @click.option("--model", default="resnet50", show_default=True, help="Any torchvision classifier.")
 @click.option("--images", type=click.IntRange(min=1), default=IMAGES, show_default=True,
-              help="Corpus size N (the memory run uses 10 N).")
+              help="Corpus size N (the long run and the memory run use N x --large-factor).")
 @click.option("--shared", type=click.Path(path_type=Path), default=Path("../shared"), show_default=True,
               help="Folder with data/vehicles (the corpus source) and the MobileNetV2 weights.")
 @click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
@@ -440,20 +302,22 @@ def table_text(r):
               help="Also extract vehicles twice (fp32, bf16) and compare softmax test accuracy.")
 @click.option("--corpus-dir", type=click.Path(path_type=Path), default=Path("bench/corpus"), show_default=True)
 @click.option("--weights", default="none", show_default=True, help="Bench model weights: none, default or a .pth.")
-@click.option("--large-model", default=None, help="Model of the 10 N memory run (default: --model).")
+@click.option("--large-model", default=None, help="Model of the long run and the memory run (default: --model).")
+@click.option("--large-factor", type=click.IntRange(min=2), default=LARGE_FACTOR, show_default=True,
+              help="The long run's images: N times this (on a GPU, 100: a run long enough to reach its pace).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--decode", type=click.Choice(["cpu", "device"]), default="cpu", show_default=True,
               help="Where `extract` decodes the JPEGs (device: nvJPEG on a GPU; pip install -e '.[gpu]').")
 @click.option("--compile", "compiled", is_flag=True, help="The model through torch.compile, in the ceiling and the "
               "pipeline alike (compiling is start-up: in the pipeline's time, out of the ceiling's).")
 def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, corpus_dir, weights,
-         large_model, device, decode, compiled):
+         large_model, large_factor, device, decode, compiled):
     """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
     try:
         result = run_bench(model=model, images=images, shared=shared, reports_dir=reports_dir, precision=precision,
                            batch_size=batch_size, workers=workers, accuracy=accuracy, corpus_dir=corpus_dir,
                            weights=weights, large_model=large_model, device=device, decode=decode,
-                           compiled=compiled, say=lambda text: click.echo(text, err=True))
+                           compiled=compiled, large_factor=large_factor, say=lambda text: click.echo(text, err=True))
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
     click.echo(table_text(result))

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import stage_one as bench
@@ -64,7 +65,7 @@ def test_missing_vehicles_is_a_clear_error(tmp_path):
 
 
 def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
-    result = bench.run_bench(model="mobilenet_v3_small", images=8, shared=fake_shared, batch_size=4,
+    result = bench.run_bench(model="mobilenet_v3_small", images=8, shared=fake_shared, batch_size=4, large_factor=3,
                              reports_dir=tmp_path / "reports", corpus_dir=tmp_path / "corpus", say=lambda text: None)
     written = json.loads((tmp_path / "reports" / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
@@ -77,7 +78,7 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert len(written["ceiling_runs_img_s"]) == bench.PIPELINE_RUNS + 1
     assert len(written["pipeline_runs_img_s"]) == bench.PIPELINE_RUNS
     assert written["ceiling_img_s"] == pytest.approx(sum(written["ceiling_runs_img_s"]) / 3, rel=0.01)
-    assert written["images"] == 8 and written["rss_images_large"] == 80
+    assert written["images"] == 8 and written["rss_images_large"] == 24
     assert written["model"] == written["rss_model"] == "mobilenet_v3_small"
     assert written["ratio_vs_ceiling_large"] == pytest.approx(
         written["pipeline_large_img_s"] / (sum(written["ceiling_large_runs_img_s"]) / 2), rel=0.01)
@@ -93,6 +94,21 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16" in text
+
+
+def test_ceiling_times_at_least_min_timed_batches_and_returns_the_codes_of_one_pass():
+    """A GPU's batches are few (256 images each): the ceiling runs them again until enough were timed."""
+    calls = []
+
+    class Doubler(torch.nn.Module):
+        def forward(self, images):
+            calls.append(len(images))
+            return {"codes": images.flatten(1) * 2}
+
+    batches = [torch.ones(3, 1, 2, 2), torch.zeros(2, 1, 2, 2)]
+    rate, codes = bench.forward_rate(Doubler(), batches, torch.device("cpu"), "fp32")
+    assert len(calls) == 1 + bench.MIN_TIMED_BATCHES and rate > 0  # one warm-up, then 4 rounds of 2
+    np.testing.assert_array_equal(codes["codes"], np.array([[2.0] * 4] * 3 + [[0.0] * 4] * 2))
 
 
 def test_decode_workers_memory_sampled_only_when_there_are_some(fake_shared, tmp_path, small_sizes):
