@@ -119,10 +119,11 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
                                       label_selector=here)
-    if gpus:  # decoding in tasks of their own, spread over every node's CPUs, while the GPUs compute; a
-        # scheduling strategy of their own also keeps them from inheriting the reading's node label (fusion)
+    if gpus:  # decoding in tasks of their own, spread over every node's CPUs (Ray Data's default strategy)
+        # while the GPUs compute; a label selector of their own (none: any node) keeps them from inheriting
+        # the reading's node label, fused into the reading tasks
         dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
-                                      batch_format="numpy", num_cpus=1, scheduling_strategy="SPREAD")
+                                      batch_format="numpy", num_cpus=1, label_selector={})
     actors = gpus or len(_cpu_nodes(ray))
     decode = None if gpus else (source_ref, transform, draft)
     dataset = dataset.map_batches(_Codes, fn_constructor_args=(model_ref, precision, decode), batch_size=batch_size,
