@@ -120,8 +120,8 @@ def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draf
         dataset = dataset.map_batches(_read_bytes, fn_args=(source_ref,), batch_size=batch_size, batch_format="numpy",
                                       label_selector=here)
     if gpus:  # decoding in tasks of their own, spread over every node's CPUs (Ray Data's default strategy)
-        # while the GPUs compute; a label selector of their own (none: any node) keeps them from inheriting
-        # the reading's node label, fused into the reading tasks
+        # while the GPUs compute; an empty label selector of their own (any node) keeps them from inheriting
+        # the reading tasks' node label, and so from being fused into them
         dataset = dataset.map_batches(_decode, fn_args=(source_ref, transform, draft), batch_size=batch_size,
                                       batch_format="numpy", num_cpus=1, label_selector={})
     actors = gpus or len(_cpu_nodes(ray))
