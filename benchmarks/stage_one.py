@@ -16,8 +16,9 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
               twice; the ratio is the mean pipeline rate over the mean ceiling, so that
               drift on a shared machine hits both sides
     baseline  the tutorial loop: ImageFolder + DataLoader(batch 4, 4 workers), fp32,
-              no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays
-              (first thing in the bench's own process)
+              no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays,
+              in a fresh process, first and again after the long run; the ratio is the mean
+              pipeline rate over their mean
     long run  the same on N x --large-factor images (10 N; the same files hard-linked under
               other names), against the ceilings just before and after it
     memory    peak RSS of that fresh `extract` process on N images and on the long run's
@@ -133,7 +134,8 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
     """The tutorial loop, faithfully -> its rate. ImageFolder per split, DataLoader(batch 4, 4 workers),
     fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize, a freshly loaded model with
     its last Linear replaced by Identity (penultimate features), each batch appended to a list as numpy.
-    Run it before anything else in the process (prepare_model changes how memory is allocated)."""
+    Run it before anything else in the process (prepare_model changes how memory is allocated):
+    fresh_baseline."""
     from torchvision import datasets, transforms
 
     preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
@@ -154,6 +156,16 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
     seconds = time.perf_counter() - t0
     return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
             "dim": int(np.concatenate(features).shape[1])}
+
+
+def fresh_baseline(root, model, weights, device):
+    """baseline() as the first thing in a new process -> its result."""
+    return in_fresh_process("stage_one", "child_baseline", root=str(root), model=model, weights=weights,
+                            device=str(device))
+
+
+def child_baseline(root, model, weights, device):
+    return baseline(Path(root), model, weights, torch.device(device))
 
 
 def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers,
@@ -213,10 +225,13 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
 
 
 def speed_runs(backbone, table, root, large, large_model, setup, run, work, say, loads):
-    """The ceiling, the pipeline runs each between two ceilings, the long run between two more -> their
-    rates (tops, smalls, big, tops_large), and the ceiling's codes and batches; `loads`: each phase's
-    load average."""
+    """The tutorial loop, the ceiling, the pipeline runs each between two ceilings, the long run between
+    two more, the tutorial loop again -> their rates (bases, tops, smalls, big, tops_large), and the
+    ceiling's codes and batches; `loads`: each phase's load average."""
     device, precision = run["device"], setup["precision"]
+    say("baseline: the tutorial loop, in a fresh process")
+    loads["baseline"] = os.getloadavg()[0]
+    bases = [fresh_baseline(root, setup["model"], setup["weights"], device)]
     say("ceiling: forward pass on batches in memory")
     loads["ceiling"] = os.getloadavg()[0]
     top, codes, batches, prepared = ceiling(backbone, table, device, precision, setup["batch_size"], setup["workers"],
@@ -231,7 +246,10 @@ def speed_runs(backbone, table, root, large, large_model, setup, run, work, say,
     loads["large"] = os.getloadavg()[0]
     big = fresh_extract(large, large_model, work=work, **run)
     tops_large = [tops[-1], forward_rate(prepared, batches, device, precision)[0]]
-    return {"tops": tops, "smalls": smalls, "big": big, "tops_large": tops_large, "codes": codes, "batches": batches}
+    say("baseline again: the tutorial loop, in a fresh process")
+    loads["baseline_2"] = os.getloadavg()[0]
+    bases.append(fresh_baseline(root, setup["model"], setup["weights"], device))
+    return {"bases": bases, "tops": tops, "smalls": smalls, "big": big, "tops_large": tops_large, "codes": codes, "batches": batches}
 
 
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
@@ -255,9 +273,6 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
     table = load_dataset(root.name, root.parent)
     backbone = load_backbone(model, setup["weights"])
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
-        say("baseline: the tutorial loop")  # first: prepare_model changes how this process allocates
-        loads["baseline"] = os.getloadavg()[0]
-        base = baseline(root, model, setup["weights"], device)
         speed = speed_runs(backbone, table, root, large, large_model, setup, run, work, say, loads)
         codes, batches = speed.pop("codes"), speed.pop("batches")
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
@@ -276,8 +291,8 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,
               "corpus": str(root), "corpus_mb": round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2**20, 1),
               "machine": machine(device),
-              **speed_figures(speed["tops"], speed["smalls"], base, speed["big"] if large_model == model else None,
-                              speed["tops_large"]),
+              **speed_figures(speed["tops"], speed["smalls"], speed["bases"],
+                              speed["big"] if large_model == model else None, speed["tops_large"]),
               **memory_figures(small_memory, speed["big"], large_model),
               **bf16_figures(similarity, compared, scores), **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},

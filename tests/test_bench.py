@@ -78,6 +78,8 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert len(written["ceiling_runs_img_s"]) == bench.PIPELINE_RUNS + 1
     assert len(written["pipeline_runs_img_s"]) == bench.PIPELINE_RUNS
     assert written["ceiling_img_s"] == pytest.approx(sum(written["ceiling_runs_img_s"]) / 3, rel=0.01)
+    assert len(written["baseline_runs_img_s"]) == 2  # before everything and after the long run, fresh processes
+    assert written["baseline_img_s"] == pytest.approx(sum(written["baseline_runs_img_s"]) / 2, rel=0.01)
     assert written["images"] == 8 and written["rss_images_large"] == 24
     assert written["model"] == written["rss_model"] == "mobilenet_v3_small"
     assert written["ratio_vs_ceiling_large"] == pytest.approx(
