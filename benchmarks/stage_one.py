@@ -249,7 +249,8 @@ def speed_runs(backbone, table, root, large, large_model, setup, run, work, say,
     say("baseline again: the tutorial loop, in a fresh process")
     loads["baseline_2"] = os.getloadavg()[0]
     bases.append(fresh_baseline(root, setup["model"], setup["weights"], device))
-    return {"bases": bases, "tops": tops, "smalls": smalls, "big": big, "tops_large": tops_large, "codes": codes, "batches": batches}
+    return {"bases": bases, "tops": tops, "smalls": smalls, "big": big, "tops_large": tops_large, "codes": codes,
+            "batches": batches}
 
 
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
