@@ -134,8 +134,8 @@ def baseline(root, model, weights, device, batch_size=4, workers=4):
     """The tutorial loop, faithfully -> its rate. ImageFolder per split, DataLoader(batch 4, 4 workers),
     fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize, a freshly loaded model with
     its last Linear replaced by Identity (penultimate features), each batch appended to a list as numpy.
-    Run it before anything else in the process (prepare_model changes how memory is allocated):
-    fresh_baseline."""
+    It must run before anything else in its process (prepare_model changes how memory is allocated):
+    fresh_baseline runs it in a new one."""
     from torchvision import datasets, transforms
 
     preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
