@@ -109,8 +109,8 @@ def table_text(r):
     lines.append(f"  {'steps':<9} ms per image, one thread: decode {st['decode']:.2f}; torchvision's recipe: resize "
                  f"{st['resize']:.2f}, crop {st['crop']:.2f}, to tensor {st['to_tensor']:.2f}, normalise "
                  f"{st['normalise']:.2f} (with decode {st['reference_total']:.2f}); fast: one resize to uint8 "
-                 f"{st['fast_resize_crop_to_uint8']:.2f}, normalise per batch {st['fast_normalise_per_batch']:.2f} "
-                 f"(with decode {st['fast_total']:.2f})")
+                 f"{st['fast_resize_crop_to_uint8']:.2f}, collate per batch {st['fast_collate_per_batch']:.2f}, "
+                 f"normalise per batch {st['fast_normalise_per_batch']:.2f} (with decode {st['fast_total']:.2f})")
     lines.append(f"  {'fidelity':<9} codes of the fast recipe against torchvision's: cosine mean {r['fast_cosine_mean']:.6f}, "
                  f"min {r['fast_cosine_min']:.6f} ({r['fast_cosine_images']} images)")
     if r["vehicles_softmax_test_acc_fp32_reference"] is not None:

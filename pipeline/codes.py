@@ -74,7 +74,16 @@ class SourceRows(Dataset):
 def to_batch(items):
     """[(row, image, sha256, failure)] -> one Batch (the DataLoader's collate_fn)."""
     rows, images, digests, failures = zip(*items)
-    return Batch(np.array(rows, dtype=np.int64), torch.stack(images), list(digests), list(failures))
+    return Batch(np.array(rows, dtype=np.int64), stack_images(images), list(digests), list(failures))
+
+
+def stack_images(images):
+    """[3, H, W] images -> [B, 3, H, W]: channels_last, the layout the model runs in, when every image is a
+    view of HWC pixels (as the fast recipe gives them), so that stacking is one plain copy per image;
+    stacking those views to NCHW and converting would transpose every pixel twice."""
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 def image_batches(source, transform, rows, device, batch_size, num_workers, draft=None):

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from .codes import SourceRows, forward, prepare_model
+from .codes import SourceRows, forward, prepare_model, stack_images
 from .errors import ImageDecodeError, PipelineError
 from .hardware import default_batch_size, describe_device, resolve_precision
 from .images import load_bytes, read_image_bytes
@@ -180,7 +180,7 @@ def _decode(batch, source, transform, draft, threads=1):
     items = (SourceRows(_Shipped(batch, source), transform, positions, draft, threads) if "bytes" in batch
              else SourceRows(source, transform, batch["data"], draft, threads))
     _, images, digests, failures = zip(*items.__getitems__(positions))
-    return {"data": batch["data"].astype(np.int64), "image": torch.stack(images).numpy(),
+    return {"data": batch["data"].astype(np.int64), "image": stack_images(images).numpy(),
             "sha256": np.array(digests), "failure": np.array(failures)}
 
 

@@ -91,7 +91,7 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert written["vehicles_softmax_test_acc_fp32"] is None  # no MobileNetV2 weights in this shared
     assert 0.999 < written["fast_cosine_min"] <= written["fast_cosine_mean"] <= 1.0 + 1e-6
     assert {"decode", "resize", "crop", "to_tensor", "normalise", "fast_resize_crop_to_uint8",
-            "fast_normalise_per_batch"} <= set(written["steps_ms"])
+            "fast_collate_per_batch", "fast_normalise_per_batch"} <= set(written["steps_ms"])
     assert {"cpu", "cores", "torch", "threads"} <= set(written["machine"])
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     text = bench.table_text(written)

@@ -13,7 +13,7 @@ from torch import nn
 from benchmarks.measure import cosine
 from conftest import assert_same_codes, write_image, write_jpeg
 from pipeline.backbones import load_backbone
-from pipeline.codes import Compiled, check_compiler, forward, iter_codes
+from pipeline.codes import Compiled, check_compiler, forward, iter_codes, stack_images, to_batch
 from pipeline.errors import PipelineError
 from pipeline.datasets import load_dataset
 from pipeline.extract import extract_features
@@ -118,6 +118,21 @@ def batches_of(*sizes, value=None):
     first = np.cumsum((0,) + sizes)
     return [Batch(np.arange(first[k], first[k] + n), torch.full((n, 3, 4, 4), float(k if value is None else value)),
                   [""] * n, [""] * n) for k, n in enumerate(sizes)]
+
+
+def test_a_batch_of_the_fast_recipe_is_collated_channels_last_with_the_same_pixels():
+    """The fast recipe gives views of HWC pixels: they stack straight into the model's layout."""
+    from PIL import Image
+
+    transform = load_backbone("resnet18", "none").transform
+    rng = np.random.default_rng(0)
+    images = [transform(Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))) for _ in range(3)]
+    images.append(torch.zeros_like(images[0]))  # the blank an undecodable image runs as
+    batch = to_batch([(k, image, "", "") for k, image in enumerate(images)])
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.images.shape == (4, 3, 224, 224) and torch.equal(batch.images, torch.stack(images))
+    chw = [torch.rand(3, 8, 8) for _ in range(2)]  # a transform of its own (contiguous CHW): stacked as is
+    assert stack_images(chw).is_contiguous() and torch.equal(stack_images(chw), torch.stack(chw))
 
 
 def test_forward_yields_every_batch_in_order_with_its_codes():
