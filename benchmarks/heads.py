@@ -21,7 +21,6 @@ is asserted.
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cli import BYTES
+from pipeline.errors import PipelineError
 from pipeline.layer_codes import default_memory_budget, resolve_layer
 from pipeline.store import FeatureCache
 from pipeline.store.cache import write_cache_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
-from measure import MOBILENET_WEIGHTS, peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, in_fresh_process, peak_rss_mb  # noqa: E402
 
 HEADS = ("softmax", "svm", "linear")
 SIZES = (10_000, 100_000, 1_000_000)
@@ -179,21 +179,15 @@ def child_reference(cache, layer):
     return {"seconds": round(time.perf_counter() - t0, 2)}
 
 
-_CHILD = ("import json, sys; sys.path.insert(0, sys.argv[3]); import heads; "
-          "print(json.dumps(getattr(heads, sys.argv[1])(**json.loads(sys.argv[2]))))")
-
-
-def in_fresh_process(limit, function="child_train", **args):
-    """heads.<function>(**args) in a new Python process -> its figures, or {"stopped": limit} past `limit` s."""
-    here = str(Path(__file__).resolve().parent)
+def fresh_figures(limit, function="child_train", **args):
+    """heads.<function>(**args) in a new Python process -> its figures, {"stopped": limit} past `limit`
+    seconds, or {"failed": [the error's last line]}: one head that fails does not stop the bench."""
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD, function, json.dumps(args), here],
-                              capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return {"stopped": limit}
-    if done.returncode != 0:
-        return {"failed": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        figures = in_fresh_process("heads", function, limit=limit, **args)
+    except PipelineError as e:
+        return {"failed": str(e).strip().splitlines()[-1:]}
+    figures.pop("tree_pss_mb", None)
+    return figures
 
 
 def run(caches, heads, sklearn_limit, out, memory_budget, say=print):
@@ -203,7 +197,7 @@ def run(caches, heads, sklearn_limit, out, memory_budget, say=print):
     for cache, layer, real in caches:
         if _layer_bytes(cache, layer) * 4 <= default_memory_budget() * 2:
             say(f"{Path(cache).name} {layer}: one plain LogisticRegression fit")
-            reference = in_fresh_process(sklearn_limit, "child_reference", cache=str(cache), layer=layer)
+            reference = fresh_figures(sklearn_limit, "child_reference", cache=str(cache), layer=layer)
             rows.append({"cache": str(cache), "head": "one LogisticRegression fit at C=1", "solver": "sklearn",
                          "reference": True, **reference})
         for head in heads:
@@ -212,7 +206,7 @@ def run(caches, heads, sklearn_limit, out, memory_budget, say=print):
                 if solver == "sklearn" and _layer_bytes(cache, layer) * 4 > default_memory_budget() * 2:
                     rows.append({"cache": str(cache), "head": head, "solver": solver, "skipped": "too big for memory"})
                     continue
-                figures = in_fresh_process(limit, cache=str(cache), layer=layer, head=head, solver=solver,
+                figures = fresh_figures(limit, cache=str(cache), layer=layer, head=head, solver=solver,
                                            out=str(out), exact=real and solver == "torch",
                                            memory_budget=memory_budget if solver == "torch" else 2**62)
                 rows.append({"cache": str(cache), "head": head, "solver": solver, **figures})

@@ -30,9 +30,10 @@ _CHILD = ("import importlib, json, sys; sys.path.insert(0, sys.argv[4]); module 
           "print(json.dumps(getattr(module, sys.argv[2])(**json.loads(sys.argv[3]))))")
 
 
-def in_fresh_process(module, function, sample_memory=False, **args):
+def in_fresh_process(module, function, sample_memory=False, limit=None, **args):
     """benchmarks/<module>.<function>(**args) in a new Python process -> its result (JSON), plus
-    (`sample_memory`) the peak PSS of the process and its DataLoader workers, sampled from /proc, else None."""
+    (`sample_memory`) the peak PSS of the process and its DataLoader workers, sampled from /proc, else None;
+    {"stopped": limit} when it ran past `limit` seconds (it is killed). A process that fails -> PipelineError."""
     from pipeline.errors import PipelineError
 
     here = Path(__file__).resolve().parent
@@ -43,9 +44,15 @@ def in_fresh_process(module, function, sample_memory=False, **args):
     sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True) if sample_memory else None
     if sampler:
         sampler.start()
-    out, err = proc.communicate()
-    if sampler:
-        sampler.join()
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"stopped": limit}
+    finally:
+        if sampler:
+            sampler.join()
     if proc.returncode != 0:
         raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")
     return {**json.loads(out.strip().splitlines()[-1]), "tree_pss_mb": peak[0]}
