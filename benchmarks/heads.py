@@ -207,8 +207,8 @@ def run(caches, heads, sklearn_limit, out, memory_budget, say=print):
                     rows.append({"cache": str(cache), "head": head, "solver": solver, "skipped": "too big for memory"})
                     continue
                 figures = fresh_figures(limit, cache=str(cache), layer=layer, head=head, solver=solver,
-                                           out=str(out), exact=real and solver == "torch",
-                                           memory_budget=memory_budget if solver == "torch" else 2**62)
+                                        out=str(out), exact=real and solver == "torch",
+                                        memory_budget=memory_budget if solver == "torch" else 2**62)
                 rows.append({"cache": str(cache), "head": head, "solver": solver, **figures})
                 say(f"  {figures}")
     return rows
