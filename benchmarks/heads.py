@@ -183,11 +183,9 @@ def fresh_figures(limit, function="child_train", **args):
     """heads.<function>(**args) in a new Python process -> its figures, {"stopped": limit} past `limit`
     seconds, or {"failed": [the error's last line]}: one head that fails does not stop the bench."""
     try:
-        figures = in_fresh_process("heads", function, limit=limit, **args)
+        return in_fresh_process("heads", function, limit=limit, **args)
     except PipelineError as e:
         return {"failed": str(e).strip().splitlines()[-1:]}
-    figures.pop("tree_pss_mb", None)
-    return figures
 
 
 def run(caches, heads, sklearn_limit, out, memory_budget, say=print):

@@ -31,16 +31,16 @@ _CHILD = ("import importlib, json, sys; sys.path.insert(0, sys.argv[4]); module 
 
 
 def in_fresh_process(module, function, sample_memory=False, limit=None, **args):
-    """benchmarks/<module>.<function>(**args) in a new Python process -> its result (JSON), plus
-    (`sample_memory`) the peak PSS of the process and its DataLoader workers, sampled from /proc, else None;
-    {"stopped": limit} when it ran past `limit` seconds (it is killed). A process that fails -> PipelineError."""
+    """benchmarks/<module>.<function>(**args) in a new Python process -> its result (JSON), with
+    `sample_memory` plus "tree_pss_mb": the peak PSS of the process and its DataLoader workers, sampled from
+    /proc; {"stopped": limit} when it ran past `limit` seconds (it is killed). A process that fails -> PipelineError."""
     from pipeline.errors import PipelineError
 
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, module, function, json.dumps(args), str(here)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0.0 if sample_memory else None]
+    peak = [0.0]
     sampler = threading.Thread(target=_sample_pss, args=(proc, peak), daemon=True) if sample_memory else None
     if sampler:
         sampler.start()
@@ -55,7 +55,8 @@ def in_fresh_process(module, function, sample_memory=False, limit=None, **args):
             sampler.join()
     if proc.returncode != 0:
         raise PipelineError(f"bench step {function}({args}) failed:\n{err.strip()[-2000:]}")
-    return {**json.loads(out.strip().splitlines()[-1]), "tree_pss_mb": peak[0]}
+    result = json.loads(out.strip().splitlines()[-1])
+    return {**result, "tree_pss_mb": peak[0]} if sample_memory else result
 
 
 def _sample_pss(proc, peak, every=0.5):

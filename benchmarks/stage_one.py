@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether
 import corpus  # noqa: E402
 from corpus import make_corpus, repeat_corpus  # noqa: E402
 from measure import MOBILENET_WEIGHTS, cosine, in_fresh_process, machine, peak_rss_mb  # noqa: E402
-from preprocessing import fast_fidelity, startup_costs, step_costs  # noqa: E402
+from preprocessing import fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
 from stage_one_table import bf16_figures, memory_figures, speed_figures, table_text, targets  # noqa: E402
 
 IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
@@ -278,7 +278,8 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         codes, batches = speed.pop("codes"), speed.pop("batches")
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
-                 **startup_costs(model, setup["weights"], batches[0], device, setup["precision"], compiled)}
+                 **fresh_startup_costs(model, setup["weights"], batches[0].shape, device, setup["precision"],
+                                       compiled)}
         say("bf16: codes against fp32")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
         del batches

@@ -37,8 +37,8 @@ def memory_figures(small, big, large_model):
             "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model": large_model,
             "rss_what": "peak RSS (VmHWM) of a fresh extract process; tree_pss: it and its decode workers, sampled "
                         "(only when it has some)",
-            "tree_pss_small_mb": small["tree_pss_mb"] and round(small["tree_pss_mb"], 1),
-            "tree_pss_large_mb": big["tree_pss_mb"] and round(big["tree_pss_mb"], 1)}
+            "tree_pss_small_mb": small.get("tree_pss_mb") and round(small["tree_pss_mb"], 1),
+            "tree_pss_large_mb": big.get("tree_pss_mb") and round(big["tree_pss_mb"], 1)}
 
 
 def bf16_figures(similarity, compared, scores):
