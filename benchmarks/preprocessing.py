@@ -82,7 +82,7 @@ def fast_fidelity(table, model, device, precision, images=128):
 
 def fresh_startup_costs(model, weights, shape, device, precision, compiled=False):
     """startup_costs as a run pays them, in a new process: in one that has traced and folded a model
-    before, tracing and folding cost a fraction (0.2 and 0.04 s against 0.48 and 0.27 s for resnet50)."""
+    before, tracing, folding and the first batch cost a fraction of that (the README has both)."""
     return in_fresh_process("preprocessing", "child_startup_costs", model=model, weights=str(weights),
                             shape=list(shape), device=str(device), precision=precision, compiled=compiled)
 
