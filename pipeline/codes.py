@@ -81,8 +81,9 @@ def stack_images(images):
     """[3, H, W] images -> [B, 3, H, W]: channels_last, the layout the model runs in, when every image is a
     view of HWC pixels (as the fast recipe gives them), so that stacking is one plain copy per image;
     stacking those views to NCHW and converting would transpose every pixel twice."""
-    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
-        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    pixels = [image.permute(1, 2, 0) for image in images]  # [H, W, 3] views
+    if all(p.is_contiguous() for p in pixels):
+        return torch.stack(pixels).permute(0, 3, 1, 2)
     return torch.stack(images)
 
 
