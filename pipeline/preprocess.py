@@ -77,4 +77,4 @@ class Normalize(nn.Module):
     def forward(self, images):
         if images.dtype != torch.uint8:
             return images
-        return (images.float() - self.shift) * self.scale
+        return images.float().sub_(self.shift).mul_(self.scale)  # in place: one new tensor, not three

@@ -34,6 +34,14 @@ def test_normalize_is_torchvisions_and_leaves_float_images_alone():
     assert normalize(floats) is floats
 
 
+def test_normalize_keeps_the_batchs_layout_and_the_values_the_caches_were_made_with():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    normalize = Normalize(REFERENCE.mean, REFERENCE.std)
+    normalised = normalize(images)
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(normalised, (images.float() - normalize.shift) * normalize.scale)  # bit for bit: same codes
+
+
 def test_other_recipes_are_kept_as_they_are():
     bicubic = EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
     assert fast_preprocessing(bicubic) is bicubic
