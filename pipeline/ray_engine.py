@@ -173,14 +173,15 @@ class _Shipped:
 
 
 def _decode(batch, source, transform, draft, threads=1):
-    """Rows (and their bytes, when shipped) -> pixels [B, 3, H, W], sha256, failure, by codes.SourceRows
-    with `threads` threads."""
+    """Rows (and their bytes, when shipped) -> pixels [B, H, W, 3], sha256, failure, by codes.SourceRows
+    with `threads` threads. The pixels are the batch's channels_last memory as a plain array: Ray's blocks
+    keep that as it is, where a strided [B, 3, H, W] view would be transposed into a contiguous copy."""
     source = _resolved(source)
     positions = np.arange(len(batch["data"]))
     items = (SourceRows(_Shipped(batch, source), transform, positions, draft, threads) if "bytes" in batch
              else SourceRows(source, transform, batch["data"], draft, threads))
     _, images, digests, failures = zip(*items.__getitems__(positions))
-    return {"data": batch["data"].astype(np.int64), "image": stack_images(images).numpy(),
+    return {"data": batch["data"].astype(np.int64), "image": stack_images(images).permute(0, 2, 3, 1).numpy(),
             "sha256": np.array(digests), "failure": np.array(failures)}
 
 
@@ -201,7 +202,8 @@ class _Codes:
     def __call__(self, batch):
         if self.decode is not None:
             batch = _decode(batch, *self.decode, threads=self.threads)
-        images = Batch(batch["data"], torch.from_numpy(batch["image"]), list(batch["sha256"]), list(batch["failure"]))
+        pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # [B, 3, H, W] view, channels_last
+        images = Batch(batch["data"], pixels, list(batch["sha256"]), list(batch["failure"]))
         [(done, codes)] = list(forward(self.model, [images], self.device, self.precision))
         return {"data": done.rows, "sha256": batch["sha256"], "failure": batch["failure"],
                 **{f"layer/{name}": values for name, values in codes.items()}}

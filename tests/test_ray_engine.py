@@ -182,6 +182,18 @@ def test_an_actor_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(clust
     assert_same_cache(read(result.path), reference)
 
 
+def test_decoded_pixels_travel_as_the_channels_last_memory_ray_keeps_as_it_is(toy):
+    """A strided [B, 3, H, W] view would reach Ray's blocks and be transposed into a contiguous copy."""
+    from pipeline.codes import SourceRows, to_batch
+    from pipeline.ray_engine import _decode
+    transform, rows = load_backbone(MODEL, "none").transform, np.arange(4)
+    source = ImageFiles(sorted((toy / "train" / "red").glob("[0-9]*.png"))[:4])
+    pixels = _decode({"data": rows}, source, transform, None)["image"]
+    assert pixels.shape == (4, 224, 224, 3) and pixels.flags["C_CONTIGUOUS"]
+    local = to_batch(SourceRows(source, transform, rows).__getitems__(rows)).images  # what the local engine runs
+    np.testing.assert_array_equal(pixels, local.permute(0, 2, 3, 1).numpy())
+
+
 def test_predict_on_ray_gives_the_local_codes(cluster, toy):
     from pipeline.extract import open_engine
     backbone = load_backbone(MODEL, "none")
