@@ -160,9 +160,8 @@ class Extractor(nn.Module):
 
     def fold_batchnorm(self):
         """Fold every BatchNorm that follows a convolution into its weights (torch.fx's `fuse`): the
-        same function in eval, one memory-bound pass fewer per layer. resnet50 fp32 on the 2-core
-        bench machine: about 10% faster; codes within cosine 0.9999998. A convolution whose output
-        is itself a requested layer is left alone. The backbone's own model is not changed: the
+        same function in eval, one memory-bound pass fewer per layer (README: stage-one speed). A
+        convolution whose output is itself a requested layer is left alone. The backbone's own model is not changed: the
         traced body shares its layers but not their parents, and fused layers replace them there."""
         from torch.fx.experimental.optimization import fuse
 
