@@ -17,7 +17,6 @@ tapped nodes (torchvision's feature extractor, whose dry run gives the shapes); 
 are kept on the backbone until `extractor()` hands the body over to the loop, so
 resolving layers and extracting them trace once per request.
 """
-import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,9 +27,10 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from .errors import ModelError, WeightsError
+from .errors import ModelError
 from .paths import weights_tag as tag_of
 from .preprocess import fast_preprocessing
+from .weights import file_sha256, load_weights_file, pretrained, pretrained_sha256
 
 POOLINGS = ("avg", "max", "avgmax", "gridK")
 _SKIP_BACK = (nn.Dropout, nn.Flatten, nn.Identity)  # no-ops in eval, walked over to find penultimate
@@ -250,22 +250,6 @@ def _canonical_tap(taps, tap, node):
     return named[0] if named else tap
 
 
-def weights_tag(name, weights):
-    """The cache-file tag `load_backbone(name, weights)` would give, without building the model."""
-    if weights == "default":
-        return tag_of(get_model_weights(name).DEFAULT.name)
-    if weights == "none":
-        return tag_of("random")
-    return tag_of("file", _weights_file_sha256(weights))
-
-
-def _weights_file_sha256(weights):
-    path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found; give WEIGHTS=default, none, or the path of a .pth state dict")
-    return _sha256(path)
-
-
 def load_backbone(name, weights="default", preprocessing="fast"):
     """Build `name` with weights "default" (torchvision's pretrained), "none" (random) or a file path;
     `preprocessing` "fast" (preprocess.FastClassification where it applies) or "reference" (torchvision's)."""
@@ -277,19 +261,16 @@ def load_backbone(name, weights="default", preprocessing="fast"):
     enums = get_model_weights(name)
     if weights == "default":
         chosen = enums.DEFAULT
-        model = _download(name, chosen)
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
-        backbone = Backbone(name, model, chosen.transforms(), chosen.name,
-                            _sha256(file) if file.exists() else "", chosen.url)
+        model = pretrained(name, chosen)
+        backbone = Backbone(name, model, chosen.transforms(), chosen.name, pretrained_sha256(chosen), chosen.url)
     elif weights == "none":
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = get_model(name, weights=None)
         backbone = Backbone(name, model, _classic_transforms(enums), "random", "", "random init (seed 0)")
     else:
-        sha = _weights_file_sha256(weights)
-        model = get_model(name, weights=None)
-        _load_state_dict(model, Path(weights), name)
+        sha = file_sha256(weights)
+        model = load_weights_file(name, Path(weights))
         backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()))
     backbone.model.eval().requires_grad_(False)
     if preprocessing == "fast":
@@ -300,44 +281,3 @@ def load_backbone(name, weights="default", preprocessing="fast"):
 def _classic_transforms(enums):
     """Preprocessing for weights torchvision does not describe: its V1 (resize 256, crop 224) recipe."""
     return getattr(enums, "IMAGENET1K_V1", enums.DEFAULT).transforms()
-
-
-def _download(name, chosen):
-    try:
-        return get_model(name, weights=chosen)
-    except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "could not get it"
-        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
-        raise WeightsError(
-            f"cannot get the pretrained {name} weights {chosen.name} ({type(e).__name__}: {str(e)[:120]}); "
-            f"offline? either download {chosen.url} and put it at {target}, "
-            f"or pass WEIGHTS=/path/to/{name}.pth (a state dict), or WEIGHTS=none for random weights"
-        ) from None
-
-
-def _load_state_dict(model, path, name):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e)[:160]}); "
-                           "save one with torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict; "
-                           "save one with torch.save(model.state_dict(), path)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-        raise WeightsError(f"{path}: does not fit torchvision {name} ({len(missing)} missing, {len(unexpected)} "
-                           f"unexpected keys, e.g. {sorted(missing or unexpected)[:2]}"
-                           f"{'; shapes differ' if not (missing or unexpected) else ''}); pass the weights "
-                           f"of MODEL={name} or the MODEL these weights belong to") from None
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

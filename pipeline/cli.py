@@ -148,7 +148,7 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
     from .train import train_head as train
 
     if model and weights:
-        from .backbones import weights_tag
+        from .weights import weights_tag
         weights = weights_tag(model, weights)
     cache, which = find_cache(features_dir, dataset, model, weights)
     if which:

@@ -1,0 +1,107 @@
+"""Weights for torchvision's classifiers: its pretrained ones (downloaded once), or a state-dict file.
+
+    model = pretrained("vgg16", VGG16_Weights.DEFAULT)          # WeightsError offline, naming both remedies
+    model = load_weights_file("mobilenet_v2", Path("m.pth"))    # weights_only, strict keys
+    weights_tag("vgg16", "default")                            # the cache-file tag, no model built
+
+A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its sha256
+goes into the cache, so that other weights make another cache.
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+from torchvision.models import get_model, get_model_weights
+
+from .errors import WeightsError
+from .paths import weights_tag as tag_of
+
+__all__ = ["file_sha256", "load_weights_file", "pretrained", "pretrained_sha256", "weights_tag"]
+
+
+def weights_tag(name, weights):
+    """The cache-file tag `load_backbone(name, weights)` would give, without building the model."""
+    if weights == "default":
+        return tag_of(get_model_weights(name).DEFAULT.name)
+    if weights == "none":
+        return tag_of("random")
+    return tag_of("file", file_sha256(weights))
+
+
+def file_sha256(weights):
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; give WEIGHTS=default, none, or the path of a .pth state dict")
+    return _sha256(path)
+
+
+def pretrained(name, chosen):
+    """torchvision's `name` with its pretrained weights `chosen`, downloaded into torch's cache once."""
+    try:
+        return get_model(name, weights=chosen)
+    except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "could not get it"
+        raise WeightsError(
+            f"cannot get the pretrained {name} weights {chosen.name} ({type(e).__name__}: {str(e)[:120]}); "
+            f"offline? either download {chosen.url} and put it at {_downloaded(chosen)}, "
+            f"or pass WEIGHTS=/path/to/{name}.pth (a state dict), or WEIGHTS=none for random weights"
+        ) from None
+
+
+def pretrained_sha256(chosen):
+    """The sha256 of the downloaded file of `chosen`, or "" when it is not in torch's cache."""
+    file = _downloaded(chosen)
+    return _sha256(file) if file.exists() else ""
+
+
+def _downloaded(chosen):
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
+
+
+def load_weights_file(name, path):
+    """torchvision's `name` holding the state dict at `path`. The model is built on the meta device and
+    given uninitialised memory for the file to fill (`to_empty`): a random initialisation, only to be
+    overwritten, is most of a large model's build (README: models, layers and pooling). A model the
+    meta device cannot build, or with state that no file holds (non-persistent buffers), is built in full."""
+    state = _read_state_dict(path)
+    try:
+        with torch.device("meta"):
+            model = get_model(name, weights=None)
+        empty = not ({key for key, _ in model.named_buffers()} - model.state_dict().keys())
+    except Exception:  # e.g. RegNet, whose builder computes on its tensors
+        empty = False
+    model = model.to_empty(device="cpu") if empty else get_model(name, weights=None)
+    _load_state_dict(model, state, path, name)
+    return model
+
+
+def _read_state_dict(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e)[:160]}); "
+                           "save one with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict; "
+                           "save one with torch.save(model.state_dict(), path)")
+    return state
+
+
+def _load_state_dict(model, state, path, name):
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        raise WeightsError(f"{path}: does not fit torchvision {name} ({len(missing)} missing, {len(unexpected)} "
+                           f"unexpected keys, e.g. {sorted(missing or unexpected)[:2]}"
+                           f"{'; shapes differ' if not (missing or unexpected) else ''}); pass the weights "
+                           f"of MODEL={name} or the MODEL these weights belong to") from None
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

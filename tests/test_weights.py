@@ -1,0 +1,89 @@
+"""Weights: torchvision's pretrained ones, state-dict files (built without a wasted initialisation), errors."""
+import re
+
+import pytest
+import torch
+from torchvision.models import get_model
+
+from pipeline.backbones import load_backbone
+from pipeline.errors import WeightsError
+from pipeline.weights import load_weights_file, weights_tag
+
+
+def test_weights_file_loaded_with_sha(tmp_path):
+    model = get_model("resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), path)
+    backbone = load_backbone("resnet18", path)
+    assert torch.equal(backbone.model.fc.weight, model.fc.weight)
+    assert backbone.weights == "file" and len(backbone.weights_sha256) == 64
+    assert backbone.weights_tag == f"file-{backbone.weights_sha256[:8]}" == weights_tag("resnet18", path)
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_backbone("resnet18", tmp_path / "missing.pth")
+    wrong = tmp_path / "mnv2.pth"
+    torch.save(get_model("mobilenet_v2").state_dict(), wrong)
+    with pytest.raises(WeightsError, match=r"does not fit torchvision resnet18 .*missing.*MODEL="):
+        load_backbone("resnet18", wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a loadable state dict"):
+        load_backbone("resnet18", garbage)
+
+
+def test_pickled_object_is_refused(tmp_path):
+    """weights_only=True: a file that needs arbitrary unpickling is never executed."""
+    evil = tmp_path / "evil.pth"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, evil)
+    with pytest.raises(WeightsError, match="not a loadable state dict"):
+        load_backbone("resnet18", evil)
+
+
+def test_default_weights_offline_names_both_remedies(monkeypatch, tmp_path):
+    from urllib.error import URLError
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    where = re.escape(str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"))  # where to put the file
+    with pytest.raises(WeightsError, match=rf"^[^\n]*{where}.*WEIGHTS=/path/to/resnet18\.pth[^\n]*$"):
+        load_backbone("resnet18", "default")
+
+
+def test_a_weights_file_is_loaded_without_initialising_the_weights_it_overwrites(tmp_path, monkeypatch):
+    model = get_model("resnet18")
+    model.bn1.running_mean.uniform_()  # buffers too: none may stay uninitialised
+    path = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), path)
+
+    def initialise(tensor, *args, **kwargs):  # on the meta device it costs nothing
+        assert tensor.is_meta, "a random initialisation ran on real memory"
+        return tensor
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", initialise)
+    loaded = load_weights_file("resnet18", path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+
+
+def test_a_model_the_meta_device_cannot_build_and_half_precision_files_load_as_before(tmp_path):
+    model = get_model("regnet_x_400mf")  # its builder computes on tensors: built in full
+    path = tmp_path / "regnet.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    loaded = load_weights_file("regnet_x_400mf", path)
+    assert loaded.fc.weight.dtype == torch.float32  # copied into the model's own dtype, as load_state_dict does
+    torch.testing.assert_close(loaded.fc.weight, model.fc.weight.half().float(), rtol=0, atol=0)
+    resnet = get_model("resnet18")
+    path = tmp_path / "r18-half.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in resnet.state_dict().items()}, path)
+    assert load_weights_file("resnet18", path).fc.weight.dtype == torch.float32
