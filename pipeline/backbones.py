@@ -161,8 +161,9 @@ class Extractor(nn.Module):
     def fold_batchnorm(self):
         """Fold every BatchNorm that follows a convolution into its weights (torch.fx's `fuse`): the
         same function in eval, one memory-bound pass fewer per layer (README: stage-one speed). A
-        convolution whose output is itself a requested layer is left alone. The backbone's own model is not changed: the
-        traced body shares its layers but not their parents, and fused layers replace them there."""
+        convolution whose output is itself a requested layer is left alone. The backbone's own model is
+        not changed: the traced body shares its layers but not their parents, and fused layers replace
+        them there."""
         from torch.fx.experimental.optimization import fuse
 
         self.body = fuse(self.body.eval(), inplace=True, no_trace=True).eval()
