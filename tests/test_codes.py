@@ -135,6 +135,16 @@ def test_a_batch_of_the_fast_recipe_is_collated_channels_last_with_the_same_pixe
     assert stack_images(chw).is_contiguous() and torch.equal(stack_images(chw), torch.stack(chw))
 
 
+def test_batches_from_decoding_processes_keep_the_channels_last_layout(tmp_path):
+    """A batch crosses from a worker process in shared memory: its strides must survive the trip."""
+    from pipeline.codes import image_batches
+    files = [write_image(tmp_path / f"{k}.png", size=(300 + k, 240)) for k in range(4)]
+    transform = load_backbone("resnet18", "none").transform
+    [batch] = image_batches(ImageFiles(files), transform, np.arange(4), torch.device("cpu"), 4, num_workers=2)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch.images, torch.stack([transform(ImageFiles(files).load(k)[0]) for k in range(4)]))
+
+
 def test_forward_yields_every_batch_in_order_with_its_codes():
     out = list(forward(MeanColour(), batches_of(3, 5, 2), torch.device("cpu"), "fp32"))
     assert [list(batch.rows) for batch, _ in out] == [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9]]
