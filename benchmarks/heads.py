@@ -20,7 +20,6 @@ is asserted.
 """
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pipeline.store import FeatureCache
 from pipeline.store.cache import write_cache_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
-from measure import MOBILENET_WEIGHTS, in_fresh_process, peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, cpu, describe_cpu, in_fresh_process, peak_rss_mb  # noqa: E402
 
 HEADS = ("softmax", "svm", "linear")
 SIZES = (10_000, 100_000, 1_000_000)
@@ -258,10 +257,9 @@ def main(sizes, caches, fashion, shared, heads, sklearn_limit, memory_budget, fo
     paths += [(str(fashion_cache(shared, folder, int(n))), "penultimate", True) for n in fashion.split(",") if n]
     rows = run(paths, heads.split(","), sklearn_limit, folder / "heads-out", memory_budget, say)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                            if line.startswith("model name")), "?"), "cores": os.cpu_count()}
+    machine = cpu()
     (reports_dir / "bench-heads.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    click.echo(f"machine: {machine['cpu']}, {machine['cores']} cores\n{table(rows)}")
+    click.echo(f"machine: {describe_cpu(machine)}\n{table(rows)}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,26 @@ def cosine(a, b):
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what `lscpu` shows on CPUs with native bf16: these machines differ
+
+
+def cpu():
+    """The CPU's name, its cores and which of BF16_FLAGS it has (Linux's /proc/cpuinfo), without torch."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not flags:
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "bf16_flags": [f for f in BF16_FLAGS if f in flags]}
+
+
 def machine(device):
     """The CPU, cores, torch's threads and bf16 support, the GPU: what a figure was measured on."""
     import torch  # here, so that importing this module loads no torch (the heads bench's scikit-learn runs)
@@ -94,14 +114,13 @@ def machine(device):
 
     from pipeline.hardware import native_cpu_bf16
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {**cpu(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_cpu_bf16": native_cpu_bf16(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "python": platform.python_version()}
+
+
+def describe_cpu(m):
+    """'AMD EPYC, 2 cores (avx512_bf16)': a machine's CPU as the benches print it."""
+    return f"{m['cpu']}, {m['cores']} cores ({', '.join(m['bf16_flags']) or 'no native bf16'})"

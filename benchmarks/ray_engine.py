@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 from corpus import make_corpus, repeat_corpus
-from measure import cosine, in_fresh_process, machine
+from measure import cosine, describe_cpu, in_fresh_process, machine
 from pipeline.sources import Batch
 from pipeline.store import FeatureCache, PartialCache
 from stage_one import IMAGES, LARGE_FACTOR
@@ -126,7 +126,7 @@ def rates(runs):
 
 def table_text(r):
     lines = [f"Ray engine bench: {r['model']} (random weights), precision {r['precision']}, "
-             f"batch {r['batch_size'] or 'default'}; {r['machine']['cpu']}, {r['machine']['cores']} cores",
+             f"batch {r['batch_size'] or 'default'}; {describe_cpu(r['machine'])}",
              f"  Ray start (once, apart): {r['ray_start_seconds']} s"]
     for c in r["corpora"]:
         lines += [f"  {c['images']} JPEGs: local {c['local_img_s']:.2f} img/s (runs {c['runs_img_s']['local']}), "

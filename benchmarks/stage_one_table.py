@@ -6,6 +6,8 @@
 """
 import numpy as np
 
+from measure import describe_cpu  # a sibling: stage_one.py puts this folder on sys.path
+
 TARGETS = {"ratio_vs_ceiling": 0.80, "ratio_vs_ceiling_large": 0.90, "ratio_vs_baseline": 3.0, "rss_growth": 0.15}
 
 
@@ -76,7 +78,7 @@ def table_text(r):
         f"decoded on the {'device' if r['decode'] == 'device' else 'CPU'}, "
         f"{'through torch.compile, ' if r.get('compiled') else ''}"
         f"{r['images']} JPEGs ({' and '.join(r['image_sizes'])}, q{r['jpeg_quality']}, {r['corpus_mb']} MB)",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
+        f"machine: {describe_cpu(m)}, {m['threads']} threads, torch {m['torch']}"
         f"{', ' + m['gpu'] if m['gpu'] else ''}; load average {r['load_average']}",
         "",
         rate("ceiling", "forward pass only, batches in memory", r["ceiling_img_s"],

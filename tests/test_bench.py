@@ -92,10 +92,12 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert 0.999 < written["fast_cosine_min"] <= written["fast_cosine_mean"] <= 1.0 + 1e-6
     assert {"decode", "resize", "crop", "to_tensor", "normalise", "fast_resize_crop_to_uint8",
             "fast_collate_per_batch", "fast_normalise_per_batch"} <= set(written["steps_ms"])
-    assert {"cpu", "cores", "torch", "threads"} <= set(written["machine"])
+    assert {"cpu", "cores", "torch", "threads", "bf16_flags"} <= set(written["machine"])
+    assert set(written["machine"]["bf16_flags"]) <= {"amx_bf16", "avx512_bf16"}  # which CPU: these machines differ
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16" in text
+    assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
 
 
 def test_ceiling_times_at_least_min_timed_batches_and_returns_the_codes_of_one_pass():
