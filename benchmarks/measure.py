@@ -81,6 +81,30 @@ def tree_pss_mb(pid):
     return total / 1024
 
 
+def cpu_times():
+    """(CPU seconds of this process and its ended children, the machine's /proc/stat ticks): cpu_use's input."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        ticks = []
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, ticks
+
+
+def cpu_use(before, after, images):
+    """What a timed step's CPU went to, from cpu_times() before and after it: its own CPU ms per image,
+    and the shares of the machine's time that the host stole (a virtual machine's neighbours) and that
+    other processes used. On a shared machine these tell a slow run's cause from a slow step."""
+    seconds, ticks = after[0] - before[0], [b - a for a, b in zip(before[1], after[1])]
+    use = {"cpu_ms_per_image": round(1000 * seconds / images, 2)}
+    if len(ticks) == 8 and sum(ticks) > 0:
+        total, hz = sum(ticks), os.sysconf("SC_CLK_TCK")
+        busy = total - ticks[3] - ticks[4] - ticks[7]  # neither idle, waiting on the disk, nor stolen
+        use.update(steal=round(ticks[7] / total, 4), others=round(max(0.0, busy / hz - seconds) * hz / total, 4))
+    return use
+
+
 def cosine(a, b):
     """Row-wise cosine similarity of two [N, D] arrays."""
     a, b = a.astype(np.float64), b.astype(np.float64)

@@ -58,7 +58,7 @@ from pipeline.train import train_head
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether run as a script or imported
 import corpus  # noqa: E402
 from corpus import make_corpus, repeat_corpus  # noqa: E402
-from measure import MOBILENET_WEIGHTS, cosine, in_fresh_process, machine, peak_rss_mb  # noqa: E402
+from measure import MOBILENET_WEIGHTS, cosine, cpu_times, cpu_use, in_fresh_process, machine, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
 from stage_one_table import bf16_figures, memory_figures, speed_figures, table_text, targets  # noqa: E402
 
@@ -173,14 +173,14 @@ def child_extract(data_dir, name, model, weights, features_dir, device, precisio
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
     table = load_dataset(name, data_dir)
     backbone = load_backbone(model, weights)
-    t0 = time.perf_counter()
+    before, t0 = cpu_times(), time.perf_counter()
     result = extract_features(table, backbone, ["penultimate"], features_dir, device=device, precision=precision,
                               batch_size=batch_size, num_workers=workers, progress=False, engine=engine,
                               ray_address=ray_address, decode=decode, compiled=compiled)
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
-            "inner_images_per_s": result.images_per_s,
-            "maxrss_mb": peak_rss_mb()}
+            "inner_images_per_s": result.images_per_s, "maxrss_mb": peak_rss_mb(),
+            **cpu_use(before, cpu_times(), len(table))}
 
 
 def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu",

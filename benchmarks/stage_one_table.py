@@ -29,7 +29,14 @@ def speed_figures(tops, smalls, bases, big=None, tops_large=()):
             "pipeline_inner_img_s": round(float(np.mean([small["inner_images_per_s"] for small in smalls])), 2),
             "pipeline_large_img_s": big and round(big["images_per_s"], 2),
             "ceiling_large_runs_img_s": big and [round(t, 2) for t in tops_large],
-            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / float(np.mean(tops_large)), 3)}
+            "ratio_vs_ceiling_large": big and round(big["images_per_s"] / float(np.mean(tops_large)), 3),
+            **cpu_figures([*smalls, *([big] if big else [])])}
+
+
+def cpu_figures(extracts):
+    """Each extract's own CPU per image and the host's steal and other processes' shares while it ran
+    (measure.cpu_use), in the order run: the 384-image runs, then the long run."""
+    return {f"extract_{key}": [run.get(key) for run in extracts] for key in ("cpu_ms_per_image", "steal", "others")}
 
 
 def memory_figures(small, big, large_model):
@@ -66,6 +73,14 @@ def targets(result):
     return {key: {"target": target, "met": met(key, result[key], target)} for key, target in TARGETS.items()}
 
 
+def cpu_text(r):
+    """The extracts' CPU line: their own CPU per image, and what the host and other processes took meanwhile."""
+    share = lambda values: ", ".join("?" if v is None else f"{100 * v:.1f}%" for v in values)
+    return (f"  {'cpu':<9} each extract's own CPU per image "
+            f"{', '.join(f'{v:.1f}' for v in r['extract_cpu_ms_per_image'])} ms; while they ran, the host stole "
+            f"{share(r['extract_steal'])} of the machine and other processes used {share(r['extract_others'])}")
+
+
 def table_text(r):
     """The printed summary of a bench result."""
     m, t = r["machine"], r["targets"]
@@ -93,6 +108,7 @@ def table_text(r):
         rate("baseline", "tutorial loop (fp32, batch 4, 4 workers)", r["baseline_img_s"],
              f"pipeline {r['ratio_vs_baseline']:.3f} x baseline ({verdict('ratio_vs_baseline')}); "
              f"mean of {', '.join(map(str, r['baseline_runs_img_s']))}"),
+        cpu_text(r),
         f"  {'memory':<9} extract peak RSS ({r['rss_model']}): "
         f"{r['rss_images_small']} images {r['rss_small_mb']:.0f} MB, "
         f"{r['rss_images_large']} images {r['rss_large_mb']:.0f} MB, {100 * r['rss_growth']:+.1f}% "

@@ -95,6 +95,8 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert {"cpu", "cores", "torch", "threads", "bf16_flags"} <= set(written["machine"])
     assert set(written["machine"]["bf16_flags"]) <= {"amx_bf16", "avx512_bf16"}  # which CPU: these machines differ
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
+    assert len(written["extract_cpu_ms_per_image"]) == 3 and min(written["extract_cpu_ms_per_image"]) > 0
+    assert all(0 <= share <= 1 for share in written["extract_steal"] + written["extract_others"])
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16" in text
     assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
@@ -122,6 +124,19 @@ def test_decode_workers_memory_sampled_only_when_there_are_some(fake_shared, tmp
     with_workers = bench.fresh_extract(root, "mobilenet_v3_small", workers=1, **run)
     assert with_workers["tree_pss_mb"] > 0 and with_workers["images"] == 8
     assert "tree_pss_mb" not in bench.fresh_extract(root, "mobilenet_v3_small", workers=0, **run)
+
+
+def test_a_steps_cpu_use_splits_the_machines_time_between_it_the_host_and_other_processes():
+    import os
+    from benchmarks.measure import cpu_times, cpu_use
+
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = lambda user, idle, steal: [user * hz, 0, 0, idle * hz, 0, 0, 0, steal * hz]
+    # 10 s of a machine's time: 6 s busy (2 of them this process's), 3 idle, 1 stolen by the host
+    use = cpu_use((5.0, ticks(0, 0, 0)), (7.0, ticks(6, 3, 1)), images=100)
+    assert use == {"cpu_ms_per_image": 20.0, "steal": 0.1, "others": 0.4}
+    seconds, machine_ticks = cpu_times()
+    assert seconds > 0 and len(machine_ticks) == 8  # this process has run; Linux's /proc/stat
 
 
 def test_a_fresh_process_returns_its_result_stops_at_its_limit_and_reports_failure():
