@@ -66,7 +66,7 @@ def fast_fidelity(table, model, device, precision, images=128):
     for preprocessing in ("reference", "fast"):
         backbone = load_backbone(model, "none", preprocessing=preprocessing)
         [layer] = backbone.resolve(["penultimate"])
-        extractor = prepare_model(backbone.extractor([layer]), device)
+        extractor = prepare_model(backbone.extractor([layer]), device, precision=precision)
         out = []
         with torch.inference_mode(), autocast_for(device, precision):
             for lo in range(0, min(images, len(table)), 32):
@@ -104,7 +104,7 @@ def startup_costs(model, weights, batch, device, precision, compiled=False):
     [layer] = backbone.resolve(["penultimate"])
     extractor = backbone.extractor([layer])
     traced = time.perf_counter()
-    extractor = prepare_model(extractor, device, len(batch) if compiled else None)
+    extractor = prepare_model(extractor, device, len(batch) if compiled else None, precision)
     prepared = time.perf_counter()
     times = []
     with torch.inference_mode(), autocast_for(device, precision):

@@ -81,7 +81,7 @@ def ceiling(backbone, table, device, precision, batch_size, workers, compiled=Fa
     loader = image_batches(table, backbone.transform, np.arange(len(table)), device, batch_size, workers,
                            draft_size(backbone.transform))
     batches = [batch.images.to(device, memory_format=torch.channels_last) for batch in loader]  # [B, 3, H, W]
-    model = prepare_model(backbone.extractor([layer]), device, batch_size if compiled else None)
+    model = prepare_model(backbone.extractor([layer]), device, batch_size if compiled else None, precision)
     rate, codes = forward_rate(model, batches, device, precision)
     return rate, codes[layer.name], batches, model
 

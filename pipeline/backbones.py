@@ -17,6 +17,7 @@ tapped nodes (torchvision's feature extractor, whose dry run gives the shapes); 
 are kept on the backbone until `extractor()` hands the body over to the loop, so
 resolving layers and extracting them trace once per request.
 """
+import copy
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,14 +160,32 @@ class Extractor(nn.Module):
         return {layer.name: pool(maps[layer.node], layer.pooling) for layer in self.layers}
 
     def fold_batchnorm(self):
-        """Fold every BatchNorm that follows a convolution into its weights (torch.fx's `fuse`): the
-        same function in eval, one memory-bound pass fewer per layer (README: stage-one speed). A
-        convolution whose output is itself a requested layer is left alone. The backbone's own model is
-        not changed: the traced body shares its layers but not their parents, and fused layers replace
-        them there."""
+        """Fold every BatchNorm that follows a convolution into its weights: the same function in eval,
+        one memory-bound pass fewer per layer (README: stage-one speed). torch.fx's `fuse` folds the
+        pairs of the traced graph, except a convolution whose output is itself a requested layer; the
+        pairs inside the blocks the tracer keeps whole (torchvision's Conv2dNormActivation: every conv
+        of MobileNets and EfficientNets) are folded here. The backbone's own model is not changed: the
+        body owns its parents, and its own copies of those blocks (own_blocks)."""
         from torch.fx.experimental.optimization import fuse
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+        self.own_blocks()
         self.body = fuse(self.body.eval(), inplace=True, no_trace=True).eval()
+        for block in self.body.modules():
+            if isinstance(block, nn.Sequential):
+                for k in range(len(block) - 1):
+                    if type(block[k]) is nn.Conv2d and type(block[k + 1]) is nn.BatchNorm2d:
+                        block[k], block[k + 1] = fuse_conv_bn_eval(block[k], block[k + 1]), nn.Identity()
+        return self
+
+    def own_blocks(self):
+        """Give the body copies of the modules its graph calls that hold modules of their own (blocks the
+        tracer keeps whole), so that changing them leaves the backbone's model as it is. The body's other
+        modules are the model's own leaves, in parents of the body's own (torch.fx makes those)."""
+        for node in self.body.graph.nodes:
+            if node.op == "call_module" and next(self.body.get_submodule(node.target).children(), None):
+                parent, _, name = node.target.rpartition(".")
+                setattr(self.body.get_submodule(parent), name, copy.deepcopy(self.body.get_submodule(node.target)))
         return self
 
 

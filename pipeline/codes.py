@@ -14,6 +14,7 @@ folded, channels_last, autocast at the precision; with `compiled`, torch.compile
 inductor fuses it further), and nothing waits on a GPU per batch: the codes of batch
 k are copied to host memory while batch k+1 is queued.
 """
+import copy
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import Extractor
 from .device_decode import decoded_on, encoded_batches
 from .errors import ImageDecodeError, PipelineError
-from .hardware import autocast_for, keep_freed_memory
+from .hardware import autocast_dtype, autocast_for, keep_freed_memory
 from .sources import Batch
 
 __all__ = ["iter_codes", "image_batches", "prepare_model", "forward", "Compiled", "check_compiler"]
@@ -97,16 +98,32 @@ def image_batches(source, transform, rows, device, batch_size, num_workers, draf
                       prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
-def prepare_model(model, device, compiled_for=None):
+def prepare_model(model, device, compiled_for=None, precision="fp32"):
     """The extractor as the loop runs it: BatchNorm folded into convolutions, on `device`,
-    channels_last (on CPU, freed memory kept for reuse); with `compiled_for` (a batch size),
-    Compiled for batches of that size."""
+    channels_last (on CPU, freed memory kept for reuse), its weights cast once for `precision`
+    (cast_weights); with `compiled_for` (a batch size), Compiled for batches of that size."""
     if device.type == "cpu":
         keep_freed_memory()
     if isinstance(model, Extractor):
         model.fold_batchnorm()
-    model = model.to(device, memory_format=torch.channels_last)
+    model = cast_weights(model.to(device, memory_format=torch.channels_last), precision)
     return Compiled(model, compiled_for) if compiled_for else model
+
+
+def cast_weights(model, precision):
+    """`model` with the weights and biases of its convolutions and linear layers cast, once, to the dtype
+    autocast runs them in at `precision`. Autocast casts them at every call otherwise (it keeps a cast only
+    of weights that require grad): resnet50's 25.5M weights, every batch. The values are those it would
+    cast them to, so the codes do not change."""
+    dtype = autocast_dtype(precision)
+    for name, module in list(model.named_modules()) if dtype is not None else []:
+        if name and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            cast = copy.copy(module)  # a module of its own: the backbone's model, which may share it, keeps fp32
+            cast._parameters = {key: None if p is None else nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                                for key, p in module._parameters.items()}
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, cast)
+    return model
 
 
 class Compiled(nn.Module):
@@ -157,7 +174,7 @@ def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size,
                              backbone.transform)
     else:
         batches = iter(image_batches(source, backbone.transform, rows, device, batch_size, num_workers, draft))
-    model = prepare_model(backbone.extractor(layers), device, batch_size if compiled else None)
+    model = prepare_model(backbone.extractor(layers), device, batch_size if compiled else None, precision)
     return forward(model, batches, device, precision)
 
 

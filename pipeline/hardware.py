@@ -88,6 +88,11 @@ def autocast_for(device, precision):
     return torch.autocast(device.type, dtype=_DTYPES.get(precision, torch.float32), enabled=precision in _DTYPES)
 
 
+def autocast_dtype(precision):
+    """The dtype autocast computes convolutions and matrix products in at `precision`; None for fp32."""
+    return _DTYPES.get(precision)
+
+
 @functools.cache
 def keep_freed_memory():
     """Have glibc keep large freed blocks for reuse rather than hand them back to the OS.

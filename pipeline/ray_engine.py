@@ -196,7 +196,7 @@ class _Codes:
         self.threads = os.cpu_count() or 1
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)  # Ray sets one thread per CPU asked for (one)
-        self.model = prepare_model(_resolved(extractor), self.device)
+        self.model = prepare_model(_resolved(extractor), self.device, precision=precision)
         self.precision, self.decode = precision, decode
 
     def __call__(self, batch):

@@ -95,6 +95,27 @@ def test_shapes_from_the_meta_dry_run_match_a_real_one(monkeypatch):
                                                                  ((512, 1, 1), 512)]
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_batchnorm_inside_the_blocks_the_tracer_keeps_whole_is_folded_too(name):
+    """torchvision's Conv2dNormActivation is one node of the traced graph: its pairs are folded inside it."""
+    backbone = load_backbone(name, "none")
+    torch.manual_seed(1)
+    for module in backbone.model.modules():  # statistics far from the identity, as trained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    [layer] = backbone.resolve(["penultimate"])
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        before = backbone.extractor([layer])(x)[layer.name]
+        model_before = backbone.model(x)
+        folded = backbone.extractor([layer]).fold_batchnorm()
+        after = folded(x)[layer.name]
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.body.modules())
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+        assert torch.equal(backbone.model(x), model_before)  # the model keeps its blocks, unfolded
+
+
 def test_folding_batchnorm_keeps_the_codes_and_the_model():
     backbone = load_backbone("resnet18", "none")
     torch.manual_seed(1)

@@ -145,6 +145,25 @@ def test_batches_from_decoding_processes_keep_the_channels_last_layout(tmp_path)
     assert torch.equal(batch.images, torch.stack([transform(ImageFiles(files).load(k)[0]) for k in range(4)]))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])  # every conv folded; bare convs and a Linear
+def test_weights_cast_once_give_autocasts_codes_and_leave_the_backbone_alone(name):
+    from pipeline.codes import prepare_model
+    backbone = load_backbone(name, "none")
+    [layer] = backbone.resolve(["penultimate"])
+    before = {key: value.clone() for key, value in backbone.model.state_dict().items()}
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    cast = prepare_model(backbone.extractor([layer]), cpu, precision="bf16")
+    assert {p.dtype for m in cast.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters()} == {
+        torch.bfloat16}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cast(images)[layer.name]
+        expected = prepare_model(backbone.extractor([layer]), cpu)(images)[layer.name]  # autocast casts per call
+    assert torch.equal(got, expected)
+    assert all(torch.equal(backbone.model.state_dict()[key], value) for key, value in before.items())
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.float32}
+
+
 def test_forward_yields_every_batch_in_order_with_its_codes():
     out = list(forward(MeanColour(), batches_of(3, 5, 2), torch.device("cpu"), "fp32"))
     assert [list(batch.rows) for batch, _ in out] == [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9]]
