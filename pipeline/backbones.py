@@ -174,8 +174,9 @@ class Extractor(nn.Module):
         for block in self.body.modules():
             if isinstance(block, nn.Sequential):
                 for k in range(len(block) - 1):
-                    if type(block[k]) is nn.Conv2d and type(block[k + 1]) is nn.BatchNorm2d:
-                        block[k], block[k + 1] = fuse_conv_bn_eval(block[k], block[k + 1]), nn.Identity()
+                    conv, norm = block[k], block[k + 1]
+                    if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats:
+                        block[k], block[k + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
         return self
 
     def own_blocks(self):
