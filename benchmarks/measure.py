@@ -121,7 +121,7 @@ def cpu():
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and not flags:
+                if key.strip() == "model name":
                     name = value.strip()
                 elif key.strip() == "flags":
                     flags = set(value.split())

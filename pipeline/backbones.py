@@ -183,10 +183,11 @@ class Extractor(nn.Module):
         """Give the body copies of the modules its graph calls that hold modules of their own (blocks the
         tracer keeps whole), so that changing them leaves the backbone's model as it is. The body's other
         modules are the model's own leaves, in parents of the body's own (torch.fx makes those)."""
-        for node in self.body.graph.nodes:
-            if node.op == "call_module" and next(self.body.get_submodule(node.target).children(), None):
-                parent, _, name = node.target.rpartition(".")
-                setattr(self.body.get_submodule(parent), name, copy.deepcopy(self.body.get_submodule(node.target)))
+        for target in {node.target for node in self.body.graph.nodes if node.op == "call_module"}:
+            block = self.body.get_submodule(target)
+            if next(block.children(), None):
+                parent, _, name = target.rpartition(".")
+                setattr(self.body.get_submodule(parent), name, copy.deepcopy(block))
         return self
 
 

@@ -85,7 +85,8 @@ def describe_device(device):
 
 def autocast_for(device, precision):
     """The autocast context running a model at `precision` (disabled for fp32)."""
-    return torch.autocast(device.type, dtype=_DTYPES.get(precision, torch.float32), enabled=precision in _DTYPES)
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def autocast_dtype(precision):
