@@ -116,19 +116,20 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what `lscpu` shows on CPUs with nati
 
 def cpu():
     """The CPU's name, its cores and which of BF16_FLAGS it has (Linux's /proc/cpuinfo), without torch."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags, fields = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
+                fields.setdefault(key.strip(), value.strip())
+                if key.strip() == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
-    return {"cpu": name, "cores": os.cpu_count(), "bf16_flags": [f for f in BF16_FLAGS if f in flags]}
+    family = f"family {fields['cpu family']}, model {fields['model']}" if "cpu family" in fields else None
+    return {"cpu": fields.get("model name", name), "cpu_family": family, "cores": os.cpu_count(),
+            "bf16_flags": [f for f in BF16_FLAGS if f in flags]}
 
 
 def machine(device):
@@ -146,5 +147,8 @@ def machine(device):
 
 
 def describe_cpu(m):
-    """'AMD EPYC, 2 cores (avx512_bf16)': a machine's CPU as the benches print it."""
-    return f"{m['cpu']}, {m['cores']} cores ({', '.join(m['bf16_flags']) or 'no native bf16'})"
+    """'AMD EPYC (family 23, model 49), 2 cores (AVX2, no native bf16)': a machine's CPU as the benches
+    print it (the family tells CPUs of one name apart; torch's vector unit, where measured)."""
+    family = f" ({m['cpu_family']})" if m.get("cpu_family") else ""
+    units = [m["cpu_capability"]] if m.get("cpu_capability") else []
+    return f"{m['cpu']}{family}, {m['cores']} cores ({', '.join(units + (m['bf16_flags'] or ['no native bf16']))})"

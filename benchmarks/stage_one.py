@@ -22,12 +22,11 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
     long run  the same on N x --large-factor images (10 N; the same files hard-linked under
               other names), against the ceilings just before and after it
     memory    peak RSS of that fresh `extract` process on N images and on the long run's
-    bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real
-              MobileNetV2 weights in --shared) the vehicles softmax test accuracy of
-              an fp32 cache against a bf16 cache
+    bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real MobileNetV2
+              weights in --shared) the vehicles softmax test accuracy of an fp32 cache against a
+              bf16 cache; by default only where bf16 runs natively (PRECISION=auto's choice)
 
-Prints a table and writes REPORTS_DIR/bench.json. A script, not a test: no
-figure here is asserted anywhere.
+Prints a table and writes REPORTS_DIR/bench.json. A script, not a test: no figure here is asserted.
 """
 import json
 import os
@@ -198,16 +197,16 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
     return result
 
 
-def vehicles_accuracy(shared, device, batch_size, workers, work):
-    """Softmax-head test accuracy on vehicles from an fp32 cache and from a bf16 cache (MobileNetV2,
-    real weights), and the cosine of their codes -> {precision: accuracy, "cosine": [N]}, or None
-    without the weights."""
+def vehicles_accuracy(shared, device, batch_size, workers, work, bf16=True):
+    """Softmax-head test accuracy on vehicles from an fp32 cache, with torchvision's recipe and the
+    fast one, and (`bf16`) from a bf16 cache (MobileNetV2, real weights), and the cosine of their codes
+    -> {run: accuracy, "reference_cosine": [N], "cosine": [N] (bf16)}, or None without the weights."""
     weights = Path(shared) / MOBILENET_WEIGHTS
     if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
     accuracy, codes = {}, {}
-    for precision, preprocessing in (("fp32", "fast"), ("bf16", "fast"), ("fp32", "reference")):
+    for precision, preprocessing in [("fp32", "fast"), *[("bf16", "fast")] * bf16, ("fp32", "reference")]:
         backbone = load_backbone("mobilenet_v2", str(weights), preprocessing=preprocessing)
         run = precision if preprocessing == "fast" else f"{precision}-{preprocessing}"
         features = Path(work) / f"vehicles-{run}"
@@ -216,7 +215,7 @@ def vehicles_accuracy(shared, device, batch_size, workers, work):
         accuracy[run] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
         with FeatureCache(result.path) as cache:
             codes[run] = cache.features(cache.layers[0])[0]
-    return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"]),
+    return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"]) if bf16 else None,
             "reference_cosine": cosine(codes["fp32"], codes["fp32-reference"])}
 
 
@@ -255,8 +254,10 @@ def speed_runs(backbone, table, root, large, large_model, setup, run, work, say,
 
 def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="reports", precision="auto",
               batch_size=None, workers=None, accuracy=True, corpus_dir="bench/corpus", weights=None,
-              large_model=None, device="auto", decode="cpu", compiled=False, large_factor=LARGE_FACTOR, say=print):
-    """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json)."""
+              large_model=None, device="auto", decode="cpu", compiled=False, large_factor=LARGE_FACTOR, bf16=None,
+              say=print):
+    """Every measurement on one corpus -> the result dict (also written to reports_dir/bench.json).
+    `bf16`: measure what bf16 changes in the codes; None: where the run is in bf16 or bf16 runs natively."""
     started = time.perf_counter()
     device = resolve_device(device)
     setup = {"model": model, "weights": weights or "none", "precision": resolve_precision(precision, device),
@@ -264,6 +265,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
              "workers": default_workers(device) if workers is None else workers, "decode": decode,
              "compiled": compiled}
     large_model = large_model or model
+    bf16 = "bf16" in (setup["precision"], resolve_precision("auto", device)) if bf16 is None else bf16
     run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers", "decode",
                                                       "compiled")}}
     loads = {}
@@ -280,14 +282,14 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
                  **fresh_startup_costs(model, setup["weights"], batches[0].shape, device, setup["precision"],
                                        compiled)}
-        say("bf16: codes against fp32")
-        similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"])
+        say("bf16: codes against fp32" if bf16 else "bf16: not measured (no native bf16)")
+        similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"]) if bf16 else (None, 0)
         del batches
         small_memory = speed["smalls"][0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
         scores = None
         if accuracy:
-            say("accuracy: vehicles, MobileNetV2, fp32 cache and bf16 cache")
-            scores = vehicles_accuracy(shared, device, None, None, work)
+            say(f"accuracy: vehicles, MobileNetV2, fp32 caches{' and a bf16 cache' if bf16 else ''}")
+            scores = vehicles_accuracy(shared, device, None, None, work, bf16)
 
     result = {**setup, "memory_format": "channels_last", "jpeg_draft": True, "device": str(device),
               "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,
@@ -316,7 +318,9 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the pipeline's.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Default: the pipeline's.")
 @click.option("--accuracy/--no-accuracy", default=True, show_default=True,
-              help="Also extract vehicles twice (fp32, bf16) and compare softmax test accuracy.")
+              help="Also extract vehicles with both recipes (and bf16) and compare softmax test accuracy.")
+@click.option("--bf16/--no-bf16", default=None, help="Measure what bf16 changes in the codes and accuracy "
+              "(default: where the run is in bf16 or the hardware runs bf16 natively).")
 @click.option("--corpus-dir", type=click.Path(path_type=Path), default=Path("bench/corpus"), show_default=True)
 @click.option("--weights", default="none", show_default=True, help="Bench model weights: none, default or a .pth.")
 @click.option("--large-model", default=None, help="Model of the long run and the memory run (default: --model).")
@@ -327,14 +331,15 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               help="Where `extract` decodes the JPEGs (device: nvJPEG on a GPU; pip install -e '.[gpu]').")
 @click.option("--compile", "compiled", is_flag=True, help="The model through torch.compile, in the ceiling and the "
               "pipeline alike (compiling is start-up: in the pipeline's time, out of the ceiling's).")
-def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, corpus_dir, weights,
+def main(model, images, shared, reports_dir, precision, batch_size, workers, accuracy, bf16, corpus_dir, weights,
          large_model, large_factor, device, decode, compiled):
     """Stage-one speed against the forward-pass ceiling and the tutorial loop; writes bench.json."""
     try:
         result = run_bench(model=model, images=images, shared=shared, reports_dir=reports_dir, precision=precision,
                            batch_size=batch_size, workers=workers, accuracy=accuracy, corpus_dir=corpus_dir,
                            weights=weights, large_model=large_model, device=device, decode=decode,
-                           compiled=compiled, large_factor=large_factor, say=lambda text: click.echo(text, err=True))
+                           compiled=compiled, large_factor=large_factor, bf16=bf16,
+                           say=lambda text: click.echo(text, err=True))
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
     click.echo(table_text(result))

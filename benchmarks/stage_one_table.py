@@ -51,26 +51,32 @@ def memory_figures(small, big, large_model):
 
 
 def bf16_figures(similarity, compared, scores):
-    """What bf16 changes: in the codes, and (when measured) in vehicles test accuracy."""
-    return {"bf16_cosine_mean": round(float(similarity.mean()), 6),
-            "bf16_cosine_min": round(float(similarity.min()), 6), "bf16_cosine_images": compared,
+    """What bf16 changes: in the codes, and (when measured) in vehicles test accuracy; the fast recipe's
+    vehicles figures. `similarity` None: bf16 not measured (its figures None)."""
+    bf16 = similarity is not None
+    with_bf16 = scores if scores and scores["cosine"] is not None else None
+    return {"bf16_cosine_mean": round(float(similarity.mean()), 6) if bf16 else None,
+            "bf16_cosine_min": round(float(similarity.min()), 6) if bf16 else None, "bf16_cosine_images": compared,
             "vehicles_softmax_test_acc_fp32": scores and round(scores["fp32"], 4),
-            "vehicles_softmax_test_acc_bf16": scores and round(scores["bf16"], 4),
-            "vehicles_softmax_test_acc_delta_points": scores and round(100 * (scores["bf16"] - scores["fp32"]), 2),
-            "vehicles_bf16_cosine_mean": scores and round(float(scores["cosine"].mean()), 6),
-            "vehicles_bf16_cosine_min": scores and round(float(scores["cosine"].min()), 6),
+            "vehicles_softmax_test_acc_bf16": with_bf16 and round(scores["bf16"], 4),
+            "vehicles_softmax_test_acc_delta_points": with_bf16 and round(100 * (scores["bf16"] - scores["fp32"]), 2),
+            "vehicles_bf16_cosine_mean": with_bf16 and round(float(scores["cosine"].mean()), 6),
+            "vehicles_bf16_cosine_min": with_bf16 and round(float(scores["cosine"].min()), 6),
             "vehicles_softmax_test_acc_fp32_reference": scores and round(scores["fp32-reference"], 4),
             "vehicles_fast_cosine_min": scores and round(float(scores["reference_cosine"].min()), 6)}
 
 
 def targets(result):
     """Each target with whether `result` met it: None when the figure was not measured (the long run
-    with another model has no ratio)."""
+    with another model has no ratio). The 3x line over the tutorial loop is meant for CPUs with
+    native bf16 (the issue's words): elsewhere on a CPU it is marked `applies: False`."""
     def met(key, value, target):
         if value is None:
             return None
         return abs(value) <= target if key == "rss_growth" else value >= target
-    return {key: {"target": target, "met": met(key, result[key], target)} for key, target in TARGETS.items()}
+    native = result["device"] != "cpu" or result["machine"]["native_cpu_bf16"]
+    return {key: {"target": target, "met": met(key, result[key], target),
+                  "applies": native or key != "ratio_vs_baseline"} for key, target in TARGETS.items()}
 
 
 def cpu_text(r):
@@ -81,10 +87,20 @@ def cpu_text(r):
             f"{share(r['extract_steal'])} of the machine and other processes used {share(r['extract_others'])}")
 
 
+def bf16_text(r):
+    """The bf16 line: how close its codes came to fp32's, or why it was not measured."""
+    if r["bf16_cosine_min"] is None:
+        return (f"  {'bf16':<9} not measured: this {'CPU' if r['device'] == 'cpu' else 'GPU'} runs no bf16 "
+                f"natively, so PRECISION=auto runs {r['precision']} (stage_one.py --bf16 measures it)")
+    return (f"  {'bf16':<9} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
+            f"({r['bf16_cosine_images']} images)")
+
+
 def table_text(r):
     """The printed summary of a bench result."""
     m, t = r["machine"], r["targets"]
-    verdict = lambda key: f"target {t[key]['target']}: {'met' if t[key]['met'] else 'NOT met'}"
+    verdict = lambda key: (f"target {t[key]['target']}: {'met' if t[key]['met'] else 'NOT met'}" if t[key]["applies"]
+                           else f"target {t[key]['target']} is for CPUs with native bf16: none here")
     rate = lambda name, what, value, note="": f"  {name:<9} {what:<41} {value:7.2f} img/s   {note}".rstrip()
     lines = [
         f"stage-one bench: {r['model']} ({'random' if r['weights'] == 'none' else r['weights']} weights), "
@@ -115,10 +131,9 @@ def table_text(r):
         f"(within {100 * t['rss_growth']['target']:.0f}%: {'met' if t['rss_growth']['met'] else 'NOT met'})"
         + (f"; with workers (PSS) {r['tree_pss_small_mb']:.0f} / {r['tree_pss_large_mb']:.0f} MB"
            if r["tree_pss_small_mb"] else ""),
-        f"  {'bf16':<9} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "
-        f"({r['bf16_cosine_images']} images)",
+        bf16_text(r),
     ]
-    if r["vehicles_softmax_test_acc_fp32"] is not None:
+    if r["vehicles_softmax_test_acc_bf16"] is not None:
         lines.append(f"  {'':<9} vehicles softmax test accuracy: fp32 {r['vehicles_softmax_test_acc_fp32']:.4f}, "
                      f"bf16 {r['vehicles_softmax_test_acc_bf16']:.4f} "
                      f"({r['vehicles_softmax_test_acc_delta_points']:+.2f} points); MobileNetV2 codes of bf16 to "

@@ -5,14 +5,16 @@
     python -m pipeline report
     python -m pipeline predict features/vehicles/heads/<...>.svm.h5 photos/ --out predictions.csv
 
-Every PipelineError becomes one line on stderr and exit status 1.
+Every PipelineError becomes one line on stderr and exit status 1; every PipelineWarning one
+line on stderr, and the run goes on.
 """
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from .errors import PipelineError
+from .errors import PipelineError, PipelineWarning
 from .plan import PRECISIONS
 from .store import HEADS
 
@@ -39,10 +41,17 @@ PRECISION = click.Choice(PRECISIONS)
 
 class Group(click.Group):
     def invoke(self, ctx):
+        warnings.formatwarning = _warning_line
         try:
             return super().invoke(ctx)
         except PipelineError as e:
             raise click.ClickException(str(e)) from None
+
+
+def _warning_line(message, category, filename, lineno, line=None, _python=warnings.formatwarning):
+    if issubclass(category, PipelineWarning):
+        return f"warning: {message}\n"
+    return _python(message, category, filename, lineno, line)
 
 
 @click.group(cls=Group)

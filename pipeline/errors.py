@@ -3,7 +3,8 @@
 Every error the pipeline raises for bad input or a bad environment is a
 PipelineError whose message is one line: what is wrong (the file, the value)
 and what to do about it. The CLI prints that line and exits 1, never a
-traceback.
+traceback. Warnings (PipelineWarning) are one line too: the run goes on, slower
+or poorer than it could be, and the line says why.
 """
 
 
@@ -37,3 +38,7 @@ class StaleCacheError(CacheError):
 
 class ImageDecodeError(DataError):
     """One image cannot be read or decoded; the message is the short reason it is skipped."""
+
+
+class PipelineWarning(UserWarning):
+    """The run goes on, but slower or poorer than it could: the message says why and what to do."""

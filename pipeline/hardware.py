@@ -11,10 +11,11 @@ import ctypes
 import functools
 import os
 import platform
+import warnings
 
 import torch
 
-from .errors import PipelineError
+from .errors import PipelineError, PipelineWarning
 from .plan import PRECISIONS
 
 __all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "default_batch_size", "default_workers",
@@ -41,11 +42,17 @@ def resolve_precision(precision, device):
     older GPUs, else fp32.
 
     mkldnn's own bf16 check also passes on AVX-512 CPUs without bf16 instructions (Ice Lake,
-    Cascade Lake), where oneDNN emulates bf16 and runs slower than fp32 (see benchmarks/stage_one.py).
+    Cascade Lake), where oneDNN emulates bf16 and runs slower than fp32 (README: Stage-one speed).
+    bf16 or fp16 asked for on such a CPU is kept (the codes may need to match caches made
+    elsewhere), with a PipelineWarning.
     """
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
+        if precision != "fp32" and device.type == "cpu" and not native_cpu_bf16():
+            warnings.warn(f"PRECISION={precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, without "
+                          f"bf16 instructions) is emulated, slower than fp32; use PRECISION=auto (fp32 here) unless "
+                          f"the codes must match caches made in {precision}", PipelineWarning, stacklevel=2)
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -66,7 +66,8 @@ def test_missing_vehicles_is_a_clear_error(tmp_path):
 
 def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     result = bench.run_bench(model="mobilenet_v3_small", images=8, shared=fake_shared, batch_size=4, large_factor=3,
-                             reports_dir=tmp_path / "reports", corpus_dir=tmp_path / "corpus", say=lambda text: None)
+                             reports_dir=tmp_path / "reports", corpus_dir=tmp_path / "corpus", bf16=True,
+                             say=lambda text: None)
     written = json.loads((tmp_path / "reports" / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
     for key in KEYS:
@@ -98,8 +99,21 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert len(written["extract_cpu_ms_per_image"]) == 3 and min(written["extract_cpu_ms_per_image"]) > 0
     assert all(0 <= share <= 1 for share in written["extract_steal"] + written["extract_others"])
     text = bench.table_text(written)
-    assert "ceiling" in text and "baseline" in text and "bf16" in text
+    assert "ceiling" in text and "baseline" in text and "bf16      cosine to fp32 codes" in text
     assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
+
+    unmeasured = bench.table_text({**written, "bf16_cosine_mean": None, "bf16_cosine_min": None})
+    assert "bf16      not measured: this CPU runs no bf16 natively" in unmeasured
+
+
+@pytest.mark.parametrize("device, native, applies", [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)])
+def test_the_3x_line_over_the_tutorial_loop_applies_only_where_bf16_is_native(device, native, applies):
+    from benchmarks.stage_one_table import targets
+
+    figures = {"ratio_vs_ceiling": 0.95, "ratio_vs_ceiling_large": 0.97, "ratio_vs_baseline": 1.5, "rss_growth": 0.05}
+    verdicts = targets({**figures, "device": device, "machine": {"native_cpu_bf16": native}})
+    assert verdicts["ratio_vs_baseline"] == {"target": 3.0, "met": False, "applies": applies}
+    assert all(v["met"] and v["applies"] for key, v in verdicts.items() if key != "ratio_vs_baseline")
 
 
 def test_ceiling_times_at_least_min_timed_batches_and_returns_the_codes_of_one_pass():

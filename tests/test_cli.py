@@ -24,6 +24,14 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         assert "--compile is for the local engine" in message
 
 
+def test_pipeline_warnings_print_as_one_line_and_others_as_python_prints_them():
+    from pipeline.cli import _warning_line
+    from pipeline.errors import PipelineWarning
+
+    assert _warning_line(PipelineWarning("slow here; use X"), PipelineWarning, "x.py", 3) == "warning: slow here; use X\n"
+    assert "x.py:3: UserWarning: other" in _warning_line(UserWarning("other"), UserWarning, "x.py", 3)
+
+
 def test_taps_and_models_list():
     out = invoke("taps", "resnet50").output
     assert "layer3" in out and "[1024, 14, 14]" in out and "penultimate" in out

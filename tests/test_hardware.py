@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.hardware import default_batch_size, default_workers, resolve_device, resolve_precision
 
 
@@ -19,6 +19,21 @@ def test_precision_asked_for_is_kept_and_unknown_is_refused():
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
     with pytest.raises(PipelineError, match="unknown precision 'fp8'; use one of auto, fp32, bf16, fp16"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_or_fp16_asked_for_on_a_cpu_without_bf16_is_kept_with_a_warning(monkeypatch, recwarn, native):
+    monkeypatch.setattr("pipeline.hardware.native_cpu_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert not recwarn.list
+    for precision in ("bf16", "fp16"):
+        if native:
+            assert resolve_precision(precision, cpu) == precision and not recwarn.list
+        else:
+            with pytest.warns(PipelineWarning, match=f"PRECISION={precision} on this CPU .* is emulated, slower "
+                                                     "than fp32; use PRECISION=auto"):
+                assert resolve_precision(precision, cpu) == precision
 
 
 def test_devices_and_their_defaults(monkeypatch):
