@@ -18,12 +18,13 @@ last whole batch. Ray restarts a killed actor and retries a lost task.
 """
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
 
 from .codes import SourceRows, forward, prepare_model, stack_images
-from .errors import ImageDecodeError, PipelineError
+from .errors import ImageDecodeError, PipelineError, PipelineWarning
 from .hardware import default_batch_size, describe_device, resolve_precision
 from .images import load_bytes, read_image_bytes
 from .sources import Batch
@@ -71,14 +72,17 @@ class RayEngine:
         self._where = None
 
     def precision(self, precision):
-        """`precision` resolved ("auto") where the backbone runs, or as given. On a cluster without GPUs,
-        where every node with a CPU runs an actor, this very process answers when its node is one of
-        them; else a task on a GPU (or CPU) of the cluster does (about 2 s: its process imports torch)."""
-        if precision != "auto" or (not self.gpus and self.ray.get_runtime_context().get_node_id()
-                                   in _cpu_nodes(self.ray)):
+        """`precision` resolved ("auto") where the backbone runs, or as given (with the warning of a CPU
+        that would emulate it). On a cluster without GPUs, where every node with a CPU runs an actor,
+        this very process answers when its node is one of them; else a task on a GPU (or CPU) of the
+        cluster does (about 2 s: its process imports torch), and its warnings are the driver's."""
+        if (precision != "auto" and self.gpus) or (not self.gpus and self.ray.get_runtime_context().get_node_id()
+                                                   in _cpu_nodes(self.ray)):
             return resolve_precision(precision, self.device)
         task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
-        resolved, self._where = self.ray.get(task.remote(precision))
+        resolved, self._where, said = self.ray.get(task.remote(precision))
+        for message in said:
+            warnings.warn(message, PipelineWarning, stacklevel=2)
         return resolved
 
     def default_batch_size(self):
@@ -101,7 +105,10 @@ def _cpu_nodes(ray):
 def _resolve_on_worker(precision):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)  # as the actors set it, so that the description is theirs
-    return resolve_precision(precision, device), describe_device(device)
+    with warnings.catch_warnings(record=True) as said:  # for the driver to show: a worker's go to its log
+        warnings.simplefilter("always", PipelineWarning)
+        resolved = resolve_precision(precision, device)
+    return resolved, describe_device(device), [str(w.message) for w in said if w.category is PipelineWarning]
 
 
 def ray_codes(source, extractor, transform, rows, *, precision, batch_size, draft=None, data="shared", gpus=0):

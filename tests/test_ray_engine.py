@@ -101,6 +101,27 @@ def test_auto_precision_on_a_cpu_cluster_is_the_drivers_own(cluster, monkeypatch
     assert engine.gpus == 0 and engine.precision("auto") == LocalEngine("cpu").precision("auto")
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_precision_asked_of_a_cluster_the_driver_is_not_part_of_is_the_clusters_with_its_warnings(
+        cluster, monkeypatch, precision):
+    import warnings
+
+    import torch
+
+    from pipeline import ray_engine
+    from pipeline.hardware import resolve_precision
+    with warnings.catch_warnings(record=True) as expected:  # this machine is the cluster's: the same answer
+        warnings.simplefilter("always")
+        resolved = resolve_precision(precision, torch.device("cpu"))
+    engine = ray_engine.RayEngine(cluster)
+    monkeypatch.setattr(ray_engine, "_cpu_nodes", lambda ray: [])  # as if the driver ran elsewhere: a task answers
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert engine.precision(precision) == resolved
+    assert [str(w.message) for w in said] == [str(w.message) for w in expected]
+    assert "actors on cpu:" in engine.describe()  # the task's own description
+
+
 @pytest.mark.parametrize("data", ["shared", "driver"])
 def test_ray_makes_the_local_cache(cluster, toy, local_cache, tmp_path, data):
     result = extract(toy, tmp_path, "ray", ray_address=cluster, ray_data=data)
