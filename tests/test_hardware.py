@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError, PipelineWarning
-from pipeline.hardware import default_batch_size, default_workers, resolve_device, resolve_precision
+from pipeline.hardware import (cpu_name, default_batch_size, default_workers, describe_device, resolve_device,
+                               resolve_precision)
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -46,3 +47,14 @@ def test_devices_and_their_defaults(monkeypatch):
         resolve_device("gpu0")
     gpu = torch.device("cuda")
     assert default_batch_size(gpu) == 256 and 1 <= default_workers(gpu) <= 8
+
+
+def test_a_cpu_is_described_by_its_model_name_cores_and_threads():
+    import os
+    import platform
+    text = describe_device(torch.device("cpu"))
+    assert text == f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name, where `platform` often knows only 'x86_64'
+        with open("/proc/cpuinfo") as f:
+            names = [line.partition(":")[2].strip() for line in f if line.startswith("model name")]
+        assert cpu_name() == (names[0] if names else platform.processor() or platform.machine())
