@@ -206,7 +206,7 @@ def vehicles_accuracy(shared, device, batch_size, workers, work, bf16=True):
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
     accuracy, codes = {}, {}
-    for precision, preprocessing in [("fp32", "fast"), *[("bf16", "fast")] * bf16, ("fp32", "reference")]:
+    for precision, preprocessing in [("fp32", "fast"), ("fp32", "reference"), *([("bf16", "fast")] if bf16 else [])]:
         backbone = load_backbone("mobilenet_v2", str(weights), preprocessing=preprocessing)
         run = precision if preprocessing == "fast" else f"{precision}-{preprocessing}"
         features = Path(work) / f"vehicles-{run}"
@@ -261,13 +261,13 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
     started = time.perf_counter()
     device = resolve_device(device)
     setup = {"model": model, "weights": weights or "none", "precision": resolve_precision(precision, device),
-             "batch_size": batch_size or default_batch_size(device),
-             "workers": default_workers(device) if workers is None else workers, "decode": decode,
-             "compiled": compiled}
+             "batch_size": batch_size or default_batch_size(device), "decode": decode, "compiled": compiled,
+             "workers": default_workers(device) if workers is None else workers}
     large_model = large_model or model
-    bf16 = "bf16" in (setup["precision"], resolve_precision("auto", device)) if bf16 is None else bf16
-    run = {"device": device, **{k: setup[k] for k in ("weights", "precision", "batch_size", "workers", "decode",
-                                                      "compiled")}}
+    bf16_here = "bf16" in (setup["precision"], resolve_precision("auto", device))
+    bf16 = bf16_here if bf16 is None else bf16
+    unmeasured = None if bf16 else "--no-bf16" if bf16_here else "no native bf16"
+    run = {"device": device, **{k: v for k, v in setup.items() if k != "model"}}  # fresh_extract's keywords
     loads = {}
 
     say(f"corpus: {images} images in {corpus_dir} (made once)")
@@ -282,7 +282,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
                  **fresh_startup_costs(model, setup["weights"], batches[0].shape, device, setup["precision"],
                                        compiled)}
-        say("bf16: codes against fp32" if bf16 else "bf16: not measured (no native bf16)")
+        say("bf16: codes against fp32" if bf16 else f"bf16: not measured ({unmeasured})")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"]) if bf16 else (None, 0)
         del batches
         small_memory = speed["smalls"][0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
@@ -298,7 +298,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               **speed_figures(speed["tops"], speed["smalls"], speed["bases"],
                               speed["big"] if large_model == model else None, speed["tops_large"]),
               **memory_figures(small_memory, speed["big"], large_model),
-              **bf16_figures(similarity, compared, scores), **steps,
+              **bf16_figures(similarity, compared, scores), "bf16_not_measured": unmeasured, **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     result["targets"] = targets(result)

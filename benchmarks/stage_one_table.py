@@ -89,7 +89,9 @@ def cpu_text(r):
 
 def bf16_text(r):
     """The bf16 line: how close its codes came to fp32's, or why it was not measured."""
-    if r["bf16_cosine_min"] is None:
+    if r["bf16_not_measured"] == "--no-bf16":
+        return f"  {'bf16':<9} not measured (--no-bf16)"
+    if r["bf16_not_measured"]:
         return (f"  {'bf16':<9} not measured: this {'CPU' if r['device'] == 'cpu' else 'GPU'} runs no bf16 "
                 f"natively, so PRECISION=auto runs {r['precision']} (stage_one.py --bf16 measures it)")
     return (f"  {'bf16':<9} cosine to fp32 codes: mean {r['bf16_cosine_mean']:.5f}, min {r['bf16_cosine_min']:.5f} "

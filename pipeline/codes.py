@@ -116,7 +116,9 @@ def cast_weights(model, precision):
     of weights that require grad): resnet50's 25.5M weights, every batch. The values are those it would
     cast them to, so the codes do not change."""
     dtype = autocast_dtype(precision)
-    for name, module in list(model.named_modules()) if dtype is not None else []:
+    if dtype is None:
+        return model
+    for name, module in list(model.named_modules()):
         if name and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             cast = copy.copy(module)  # a module of its own: the backbone's model, which may share it, keeps fp32
             cast._parameters = {key: None if p is None else nn.Parameter(p.detach().to(dtype), requires_grad=False)

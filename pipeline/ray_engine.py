@@ -76,8 +76,11 @@ class RayEngine:
         that would emulate it). On a cluster without GPUs, where every node with a CPU runs an actor,
         this very process answers when its node is one of them; else a task on a GPU (or CPU) of the
         cluster does (about 2 s: its process imports torch), and its warnings are the driver's."""
-        if (precision != "auto" and self.gpus) or (not self.gpus and self.ray.get_runtime_context().get_node_id()
-                                                   in _cpu_nodes(self.ray)):
+        if self.gpus:
+            here = precision != "auto"  # as given: a GPU runs any precision natively
+        else:
+            here = self.ray.get_runtime_context().get_node_id() in _cpu_nodes(self.ray)  # its CPU runs an actor
+        if here:
             return resolve_precision(precision, self.device)
         task = self.ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1)(_resolve_on_worker)
         resolved, self._where, said = self.ray.get(task.remote(precision))

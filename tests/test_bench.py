@@ -102,8 +102,11 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert "ceiling" in text and "baseline" in text and "bf16      cosine to fp32 codes" in text
     assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
 
-    unmeasured = bench.table_text({**written, "bf16_cosine_mean": None, "bf16_cosine_min": None})
-    assert "bf16      not measured: this CPU runs no bf16 natively" in unmeasured
+    assert written["bf16_not_measured"] is None
+    unmeasured = {**written, "bf16_cosine_mean": None, "bf16_cosine_min": None}
+    text = bench.table_text({**unmeasured, "bf16_not_measured": "no native bf16"})
+    assert "bf16      not measured: this CPU runs no bf16 natively" in text
+    assert "bf16      not measured (--no-bf16)" in bench.table_text({**unmeasured, "bf16_not_measured": "--no-bf16"})
 
 
 @pytest.mark.parametrize("device, native, applies", [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)])
