@@ -18,7 +18,7 @@ import torch
 from .errors import PipelineError, PipelineWarning
 from .plan import PRECISIONS
 
-__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "default_batch_size", "default_workers",
+__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "native_cpu_fp16", "default_batch_size", "default_workers",
            "describe_device", "cpu_name", "autocast_for", "keep_freed_memory"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,16 +43,18 @@ def resolve_precision(precision, device):
 
     mkldnn's own bf16 check also passes on AVX-512 CPUs without bf16 instructions (Ice Lake,
     Cascade Lake), where oneDNN emulates bf16 and runs slower than fp32 (README: Stage-one speed).
-    bf16 or fp16 asked for on such a CPU is kept (the codes may need to match caches made
-    elsewhere), with a PipelineWarning.
+    bf16 or fp16 asked for on a CPU without its instructions is kept (the codes may need to match
+    caches made elsewhere), with a PipelineWarning.
     """
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
-        if precision != "fp32" and device.type == "cpu" and not native_cpu_bf16():
+        native = {"bf16": native_cpu_bf16, "fp16": native_cpu_fp16, "fp32": lambda: True}[precision]
+        if device.type == "cpu" and not native():
             warnings.warn(f"PRECISION={precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, without "
-                          f"bf16 instructions) is emulated, slower than fp32; use PRECISION=auto (fp32 here) unless "
-                          f"the codes must match caches made in {precision}", PipelineWarning, stacklevel=2)
+                          f"{precision} instructions) is emulated, slower than fp32; use PRECISION=auto "
+                          f"({resolve_precision('auto', device)} here) unless the codes must match caches made in "
+                          f"{precision}", PipelineWarning, stacklevel=2)
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -64,6 +66,12 @@ def native_cpu_bf16():
     has = lambda check: getattr(torch.cpu, check, lambda: False)()  # torch.cpu private checks
     return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
             and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")))
+
+
+def native_cpu_fp16():
+    """Whether this CPU has fp16 instructions (AVX512-FP16, AVX2-VNNI-2 or AMX-FP16), by mkldnn's own check:
+    bf16's instructions (a Zen 4 EPYC) do not compute fp16."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def default_batch_size(device):

@@ -16,24 +16,28 @@ def test_auto_precision_on_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, 
     assert resolve_precision("auto", torch.device("cpu")) == expected
 
 
+@pytest.mark.filterwarnings("ignore::pipeline.errors.PipelineWarning")  # fp16 on a CPU without it: tested below
 def test_precision_asked_for_is_kept_and_unknown_is_refused():
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
     with pytest.raises(PipelineError, match="unknown precision 'fp8'; use one of auto, fp32, bf16, fp16"):
         resolve_precision("fp8", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_or_fp16_asked_for_on_a_cpu_without_bf16_is_kept_with_a_warning(monkeypatch, recwarn, native):
-    monkeypatch.setattr("pipeline.hardware.native_cpu_bf16", lambda: native)
+@pytest.mark.parametrize("bf16, fp16", [(True, True), (True, False), (False, False)])
+def test_bf16_or_fp16_asked_for_on_a_cpu_without_its_instructions_is_kept_with_a_warning(monkeypatch, recwarn,
+                                                                                         bf16, fp16):
+    monkeypatch.setattr("pipeline.hardware.native_cpu_bf16", lambda: bf16)
+    monkeypatch.setattr("pipeline.hardware.native_cpu_fp16", lambda: fp16)  # (True, False): a Zen 4 EPYC
     cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cpu) == ("bf16" if bf16 else "fp32")
     assert not recwarn.list
-    for precision in ("bf16", "fp16"):
+    for precision, native in (("bf16", bf16), ("fp16", fp16)):
         if native:
             assert resolve_precision(precision, cpu) == precision and not recwarn.list
         else:
-            with pytest.warns(PipelineWarning, match=f"PRECISION={precision} on this CPU .* is emulated, slower "
-                                                     "than fp32; use PRECISION=auto"):
+            with pytest.warns(PipelineWarning, match=f"PRECISION={precision} on this CPU .*without {precision} "
+                                                     "instructions.* is emulated, slower than fp32; use PRECISION=auto "
+                                                     f"\\({'bf16' if bf16 else 'fp32'} here\\)"):
                 assert resolve_precision(precision, cpu) == precision
 
 
