@@ -64,6 +64,7 @@ class Backbone:
     weights: str              # "IMAGENET1K_V1", "random" or "file"
     weights_sha256: str       # of the weights file; "" for random weights
     weights_source: str       # URL, path, or "random init (seed 0)"
+    model_args: str = ""      # what a weights file's model is built with, as pretrained: "transform_input=True"
     _traced: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -292,8 +293,9 @@ def load_backbone(name, weights="default", preprocessing="fast"):
         backbone = Backbone(name, model, _classic_transforms(enums), "random", "", "random init (seed 0)")
     else:
         sha = file_sha256(weights)
-        model = load_weights_file(name, Path(weights))
-        backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()))
+        model, args = load_weights_file(name, Path(weights))
+        backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()),
+                            ", ".join(f"{key}={value}" for key, value in args.items()))
     backbone.model.eval().requires_grad_(False)
     if preprocessing == "fast":
         backbone = replace(backbone, transform=fast_preprocessing(backbone.transform))

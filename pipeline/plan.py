@@ -119,7 +119,8 @@ def cache_key(table, backbone, precision, jpeg_draft=True, decode="cpu"):
             "split_source": table.split_source, "model": backbone.name, "weights": backbone.weights,
             "weights_sha256": backbone.weights_sha256, "transform": _describe(backbone.transform),
             "precision": precision, "decode": decode_setting(backbone.transform, jpeg_draft, decode),
-            "duplicates": "dropped" if table.drop_duplicates else "kept"}
+            "duplicates": "dropped" if table.drop_duplicates else "kept",
+            **({"model_args": backbone.model_args} if backbone.model_args else {})}  # only where set: no churn
 
 
 def decode_setting(transform, jpeg_draft, decode="cpu"):
@@ -136,7 +137,7 @@ def draft_size(transform):
     return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
-_UNRECORDED = {"decode": "full", "duplicates": "kept"}  # caches made before a key was recorded: what they did
+_UNRECORDED = {"decode": "full", "duplicates": "kept", "model_args": ""}  # caches made before a key was recorded: what they did
 
 
 def _differences(old, new):

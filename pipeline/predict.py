@@ -33,6 +33,10 @@ def backbone_for(head, weights=None):
     if expected != actual and not (backbone.weights == info["weights"] and not backbone.weights_sha256):
         raise WeightsError(f"weights {weights} ({actual[:12]}) are not those the head was trained on "
                            f"({expected[:12]}); pass the original weights with --weights")
+    if info.get("model_args", "") != backbone.model_args:  # a cache made before weights.PRETRAINED_ARGS
+        raise WeightsError(f"the head was trained on codes of {info['model']} built with "
+                           f"{info.get('model_args') or 'no arguments'}, and these weights now build it with "
+                           f"{backbone.model_args}; extract its cache again (make extract) and train the head again")
     return backbone
 
 

@@ -1,8 +1,9 @@
 """Weights for torchvision's classifiers: its pretrained ones (downloaded once), or a state-dict file.
 
-    model = pretrained("vgg16", VGG16_Weights.DEFAULT)          # WeightsError offline, naming both remedies
-    model = load_weights_file("mobilenet_v2", Path("m.pth"))    # weights_only, strict keys
-    weights_tag("vgg16", "default")                            # the cache-file tag, no model built
+    model = pretrained("vgg16", VGG16_Weights.DEFAULT)           # WeightsError offline, naming both remedies
+    model, args = load_weights_file("googlenet", Path("g.pth"))  # weights_only, strict keys; built as for
+                                                                 # its pretrained weights: transform_input
+    weights_tag("vgg16", "default")                              # the cache-file tag, no model built
 
 A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its sha256
 goes into the cache, so that other weights make another cache.
@@ -57,21 +58,34 @@ def _downloaded(chosen):
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
 
 
+# What torchvision's builders set for their own pretrained weights that changes the codes and that a
+# state dict does not record: GoogLeNet's and Inception v3's weights, ported from TensorFlow, take
+# inputs in [-1, 1], which `transform_input` makes of ImageNet-normalised ones.
+PRETRAINED_ARGS = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
+_AUXILIARY = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}  # training-only heads: built if a file has them
+
+
 def load_weights_file(name, path):
-    """torchvision's `name` holding the state dict at `path`. The model is built on the meta device and
-    given uninitialised memory for the file to fill (`to_empty`): a random initialisation, only to be
-    overwritten, is most of a large model's build (README: models, layers and pooling). A model the
-    meta device cannot build, or with state that no file holds (non-persistent buffers), is built in full."""
+    """torchvision's `name` holding the state dict at `path`, built as torchvision builds it for its
+    pretrained weights (PRETRAINED_ARGS) -> (model, those arguments).
+
+    The model is built on the meta device and given uninitialised memory for the file to fill
+    (`to_empty`): a random initialisation, only to be overwritten, is most of a large model's build
+    (README: models, layers and pooling). A model the meta device cannot build, or with state that no
+    file holds (non-persistent buffers), is built in full."""
     state = _read_state_dict(path)
+    args = PRETRAINED_ARGS.get(name, {})
+    build = dict(args, **({"aux_logits": any(key.startswith(_AUXILIARY[name]) for key in state),
+                           "init_weights": False} if name in _AUXILIARY else {}))
     try:
         with torch.device("meta"):
-            model = get_model(name, weights=None)
+            model = get_model(name, weights=None, **build)
         empty = not ({key for key, _ in model.named_buffers()} - model.state_dict().keys())
     except Exception:  # e.g. RegNet, whose builder computes on its tensors
         empty = False
-    model = model.to_empty(device="cpu") if empty else get_model(name, weights=None)
+    model = model.to_empty(device="cpu") if empty else get_model(name, weights=None, **build)
     _load_state_dict(model, state, path, name)
-    return model
+    return model, args
 
 
 def _read_state_dict(path):

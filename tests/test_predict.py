@@ -9,7 +9,7 @@ from pipeline.datasets import load_dataset
 from pipeline.errors import WeightsError
 from pipeline.extract import extract_features
 from pipeline.heads import LinearHead
-from pipeline.predict import codes_of_files, predict_files
+from pipeline.predict import backbone_for, codes_of_files, predict_files
 from pipeline.sources import ImageFiles
 from pipeline.store import FeatureCache
 from pipeline.train import train_head
@@ -66,3 +66,19 @@ def test_predict_refuses_other_weights(trained, tmp_path):
     torch.save(get_model("resnet18").state_dict(), other)  # unseeded: not the weights the head saw
     with pytest.raises(WeightsError, match="not those the head was trained on"):
         predict_files(result["head_file"], [root / "test"], tmp_path / "x.csv", weights=str(other))
+
+
+def test_predict_refuses_a_head_on_codes_of_a_model_built_otherwise(tmp_path):
+    """A head trained on a googlenet file's codes from before such files were built as pretrained
+    (transform_input) saw other codes than its weights give now."""
+    from types import SimpleNamespace
+    import torch
+    from torchvision.models import get_model
+    path = tmp_path / "g.pth"
+    torch.save(get_model("googlenet", weights=None, init_weights=False).state_dict(), path)
+    made = {"model": "googlenet", "weights": "file", "weights_sha256": load_backbone("googlenet", str(path)).weights_sha256,
+            "weights_source": str(path)}
+    with pytest.raises(WeightsError, match="built with no arguments, and these weights now build it with "
+                                           "transform_input=True; extract its cache again"):
+        backbone_for(SimpleNamespace(provenance=made))
+    assert backbone_for(SimpleNamespace(provenance={**made, "model_args": "transform_input=True"})).model.transform_input

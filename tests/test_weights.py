@@ -71,8 +71,8 @@ def test_a_weights_file_is_loaded_without_initialising_the_weights_it_overwrites
         return tensor
 
     monkeypatch.setattr(torch.nn.init, "kaiming_normal_", initialise)
-    loaded = load_weights_file("resnet18", path)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    loaded, args = load_weights_file("resnet18", path)
+    assert args == {} and all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
 
 
@@ -80,10 +80,40 @@ def test_a_model_the_meta_device_cannot_build_and_half_precision_files_load_as_b
     model = get_model("regnet_x_400mf")  # its builder computes on tensors: built in full
     path = tmp_path / "regnet.pth"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
-    loaded = load_weights_file("regnet_x_400mf", path)
+    loaded, _ = load_weights_file("regnet_x_400mf", path)
     assert loaded.fc.weight.dtype == torch.float32  # copied into the model's own dtype, as load_state_dict does
     torch.testing.assert_close(loaded.fc.weight, model.fc.weight.half().float(), rtol=0, atol=0)
     resnet = get_model("resnet18")
     path = tmp_path / "r18-half.pth"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in resnet.state_dict().items()}, path)
-    assert load_weights_file("resnet18", path).fc.weight.dtype == torch.float32
+    assert load_weights_file("resnet18", path)[0].fc.weight.dtype == torch.float32
+
+
+def test_a_googlenet_file_is_built_as_torchvision_builds_its_pretrained_weights(tmp_path):
+    """GoogLeNet's pretrained weights take inputs in [-1, 1] (transform_input), which no state dict records;
+    a file with or without the training-only auxiliary heads loads."""
+    as_pretrained = get_model("googlenet", weights=None, transform_input=True, aux_logits=True,
+                              init_weights=False).eval()
+    with_aux, without_aux = tmp_path / "torchvision-download.pth", tmp_path / "saved-pretrained-model.pth"
+    torch.save(as_pretrained.state_dict(), with_aux)
+    torch.save({k: v for k, v in as_pretrained.state_dict().items() if not k.startswith(("aux1.", "aux2."))},
+               without_aux)
+    image = torch.randn(2, 3, 96, 96)
+    for path, aux in ((with_aux, True), (without_aux, False)):
+        model, args = load_weights_file("googlenet", path)
+        assert args == {"transform_input": True} and model.transform_input and model.aux_logits == aux
+        torch.testing.assert_close(model.eval()(image), as_pretrained(image), rtol=0, atol=0)
+
+
+def test_what_a_file_model_is_built_with_is_in_the_cache_key_only_where_set(tmp_path):
+    """Caches of googlenet files made before they were built as pretrained are rebuilt; no other cache is."""
+    from types import SimpleNamespace
+    from pipeline.plan import _differences, cache_key
+    table = SimpleNamespace(name="t", layout="imagefolder", fingerprint="f", split_source="folders",
+                            drop_duplicates=False)
+    torch.save(get_model("googlenet", weights=None, init_weights=False).state_dict(), tmp_path / "g.pth")
+    googlenet = cache_key(table, load_backbone("googlenet", str(tmp_path / "g.pth")), "fp32")
+    resnet = cache_key(table, load_backbone("resnet18", "none"), "fp32")
+    assert googlenet["model_args"] == "transform_input=True" and "model_args" not in resnet
+    made_before = {k: v for k, v in googlenet.items() if k != "model_args"}
+    assert _differences(made_before, googlenet) == ["model_args"] and _differences(resnet, resnet) == []
