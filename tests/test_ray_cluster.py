@@ -2,14 +2,13 @@
 logical GPU: decoding runs on both nodes, the model actor is scheduled by its GPU (and runs on
 the CPU, as torch finds no CUDA here), and the cache equals the local engine's."""
 import os
-import subprocess
 import threading
 import time
 
 import pytest
 
 from test_crash import read
-from test_ray_engine import RAY, assert_same_cache, extract, ray_processes, start_cluster, stop_cluster
+from test_ray_engine import assert_same_cache, extract, ray_processes, start_cluster, start_node, stop_cluster
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; make test installs it)")
 
@@ -17,9 +16,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.
 @pytest.fixture(scope="module")
 def two_nodes():
     address = start_cluster("--num-cpus=1", "--num-gpus=1")
-    joined = subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
-                            capture_output=True, text=True, timeout=120)
-    assert joined.returncode == 0, joined.stderr
+    start_node(f"--address={address}", "--num-cpus=1")
     deadline = time.time() + 60
     while len([node for node in ray.nodes() if node["Alive"]]) < 2 and time.time() < deadline:
         time.sleep(0.2)

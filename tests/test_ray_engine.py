@@ -1,12 +1,14 @@
 """ray_engine.py: `--engine ray` gives the cache `--engine local` gives, every row once, through
 driver kills and actor kills, on a local Ray cluster started here (2 CPUs); the engine's
 two-node and GPU scheduling are in test_ray_cluster.py."""
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -31,12 +33,29 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's command
 
 
 def start_cluster(*args):
-    """`ray start --head` with `args` -> its address (ray stop --force ends it)."""
-    out = subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--include-dashboard=false", "--disable-usage-stats",
-                          *args], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    ray.init(address="auto", log_to_driver=False)
+    """A Ray head on this machine with `args` -> its address; `stop_cluster` ends it."""
+    port = free_port()
+    start_node("--head", f"--port={port}", "--include-dashboard=false", *args)
+    ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
     return ray.get_runtime_context().gcs_address
+
+
+def start_node(*args, timeout=120):
+    """`ray start --block` with `args`. Its Ray processes end with it, and it ends with this test run
+    (prctl's parent-death signal, Linux), however that run ends: no Ray is left behind, and no other
+    Ray on this machine is touched, as `ray stop` would."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="ray-start-", suffix=".log")
+    node = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM),
+                            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # SIGTERM: end now
+    _NODES.append(node)
+    deadline = time.time() + timeout
+    while "Ray runtime started" not in open(log.name).read():
+        assert node.poll() is None and time.time() < deadline, f"ray start {' '.join(args)}: {open(log.name).read()}"
+        time.sleep(0.1)
+
+
+_NODES = []  # the `ray start --block` processes of this test run
 
 
 def free_port():
@@ -47,7 +66,10 @@ def free_port():
 
 def stop_cluster():
     ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    while _NODES:
+        node = _NODES.pop()  # the joined nodes first, the head last
+        node.terminate()
+        node.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +171,7 @@ def rows_on_disk(cache):
 
 def test_driver_killed_at_six_points_resumes_to_the_same_cache(cluster, toy, local_cache, tmp_path):
     cache = tmp_path / "toy" / CACHE_NAME
-    env = {**os.environ, "PYTHONPATH": REPO}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     rng, points = random.Random(3), []
     for target in (1, 3, 5, 7, 9, 10):
         proc = subprocess.Popen(command(toy, tmp_path, cluster), env=env, cwd=REPO, stdout=subprocess.PIPE,
