@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,16 +47,21 @@ def start_node(*args, timeout=120):
     Ray on this machine is touched, as `ray stop` would."""
     log = tempfile.NamedTemporaryFile("w+", prefix="ray-start-", suffix=".log")
     node = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM),
+                            stderr=subprocess.STDOUT, preexec_fn=_end_with_parent if sys.platform == "linux" else None,
                             env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # SIGTERM: end now
     _NODES.append(node)
     deadline = time.time() + timeout
-    while "Ray runtime started" not in open(log.name).read():
-        assert node.poll() is None and time.time() < deadline, f"ray start {' '.join(args)}: {open(log.name).read()}"
+    read = Path(log.name).read_text
+    while "Ray runtime started" not in read():
+        assert node.poll() is None and time.time() < deadline, f"ray start {' '.join(args)}: {read()}"
         time.sleep(0.1)
 
 
 _NODES = []  # the `ray start --block` processes of this test run
+
+
+def _end_with_parent():
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when this test run ends
 
 
 def free_port():
