@@ -18,8 +18,8 @@ import torch
 from .errors import PipelineError, PipelineWarning
 from .plan import PRECISIONS
 
-__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "native_cpu_fp16", "default_batch_size", "default_workers",
-           "describe_device", "cpu_name", "autocast_for", "keep_freed_memory"]
+__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "native_cpu_fp16", "default_batch_size",
+           "default_workers", "describe_device", "cpu_name", "autocast_for", "keep_freed_memory"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -137,7 +137,8 @@ def draft_size(transform):
     return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
-_UNRECORDED = {"decode": "full", "duplicates": "kept", "model_args": ""}  # caches made before a key was recorded: what they did
+# Caches made before a key was recorded: what they did.
+_UNRECORDED = {"decode": "full", "duplicates": "kept", "model_args": ""}
 
 
 def _differences(old, new):

@@ -76,9 +76,10 @@ def test_predict_refuses_a_head_on_codes_of_a_model_built_otherwise(tmp_path):
     from torchvision.models import get_model
     path = tmp_path / "g.pth"
     torch.save(get_model("googlenet", weights=None, init_weights=False).state_dict(), path)
-    made = {"model": "googlenet", "weights": "file", "weights_sha256": load_backbone("googlenet", str(path)).weights_sha256,
-            "weights_source": str(path)}
+    sha = load_backbone("googlenet", str(path)).weights_sha256
+    made = {"model": "googlenet", "weights": "file", "weights_sha256": sha, "weights_source": str(path)}
     with pytest.raises(WeightsError, match="built with no arguments, and these weights now build it with "
                                            "transform_input=True; extract its cache again"):
         backbone_for(SimpleNamespace(provenance=made))
-    assert backbone_for(SimpleNamespace(provenance={**made, "model_args": "transform_input=True"})).model.transform_input
+    made_now = SimpleNamespace(provenance={**made, "model_args": "transform_input=True"})
+    assert backbone_for(made_now).model.transform_input
