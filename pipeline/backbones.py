@@ -31,7 +31,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from .errors import ModelError
 from .paths import weights_tag as tag_of
 from .preprocess import fast_preprocessing
-from .weights import file_sha256, load_weights_file, pretrained, pretrained_sha256
+from .weights import file_sha256, load_weights_file, pretrained, pretrained_sha256, torchvision_weights_of
 
 POOLINGS = ("avg", "max", "avgmax", "gridK")
 _SKIP_BACK = (nn.Dropout, nn.Flatten, nn.Identity)  # no-ops in eval, walked over to find penultimate
@@ -294,7 +294,9 @@ def load_backbone(name, weights="default", preprocessing="fast"):
     else:
         sha = file_sha256(weights)
         model, args = load_weights_file(name, Path(weights))
-        backbone = Backbone(name, model, _classic_transforms(enums), "file", sha, str(Path(weights).resolve()),
+        known = torchvision_weights_of(name, sha)  # a torchvision download: its own recipe, as "default" has
+        transform = known.transforms() if known else _classic_transforms(enums)
+        backbone = Backbone(name, model, transform, "file", sha, str(Path(weights).resolve()),
                             ", ".join(f"{key}={value}" for key, value in args.items()))
     backbone.model.eval().requires_grad_(False)
     if preprocessing == "fast":

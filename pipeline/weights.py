@@ -4,6 +4,7 @@
     model, args = load_weights_file("googlenet", Path("g.pth"))  # weights_only, strict keys; built as for
                                                                  # its pretrained weights: transform_input
     weights_tag("vgg16", "default")                              # the cache-file tag, no model built
+    torchvision_weights_of("resnet50", sha256)                   # ResNet50_Weights.IMAGENET1K_V2 for its file
 
 A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its sha256
 goes into the cache, so that other weights make another cache.
@@ -12,12 +13,14 @@ import hashlib
 from pathlib import Path
 
 import torch
+from torch.hub import HASH_REGEX
 from torchvision.models import get_model, get_model_weights
 
 from .errors import WeightsError
 from .paths import weights_tag as tag_of
 
-__all__ = ["file_sha256", "load_weights_file", "pretrained", "pretrained_sha256", "weights_tag"]
+__all__ = ["file_sha256", "load_weights_file", "pretrained", "pretrained_sha256", "torchvision_weights_of",
+           "weights_tag"]
 
 
 def weights_tag(name, weights):
@@ -46,6 +49,16 @@ def pretrained(name, chosen):
             f"offline? either download {chosen.url} and put it at {_downloaded(chosen)}, "
             f"or pass WEIGHTS=/path/to/{name}.pth (a state dict), or WEIGHTS=none for random weights"
         ) from None
+
+
+def torchvision_weights_of(name, sha256):
+    """torchvision's own weights of `name` whose download has this sha256 (its file names carry the
+    sha256's first hex digits: resnet50-11ad3fa6.pth), or None."""
+    for weights in get_model_weights(name):
+        digits = HASH_REGEX.search(Path(weights.url).name)
+        if digits and len(digits.group(1)) >= 8 and sha256.startswith(digits.group(1)):
+            return weights
+    return None
 
 
 def pretrained_sha256(chosen):

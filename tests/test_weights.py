@@ -117,3 +117,22 @@ def test_what_a_file_model_is_built_with_is_in_the_cache_key_only_where_set(tmp_
     assert googlenet["model_args"] == "transform_input=True" and "model_args" not in resnet
     made_before = {k: v for k, v in googlenet.items() if k != "model_args"}
     assert _differences(made_before, googlenet) == ["model_args"] and _differences(resnet, resnet) == []
+
+
+def test_a_file_of_torchvision_weights_gets_their_own_preprocessing(tmp_path, monkeypatch):
+    """torchvision's downloads are known by their sha256, whose first digits their names carry: such a file
+    gets its weights' own recipe (resnet50's IMAGENET1K_V2 resizes to 232), as WEIGHTS=default would;
+    any other file the classic one (resize 256)."""
+    from dataclasses import replace
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+    from pipeline.weights import torchvision_weights_of
+    assert torchvision_weights_of("resnet18", "f37072fd" + "0" * 56) == ResNet18_Weights.IMAGENET1K_V1
+    assert torchvision_weights_of("resnet18", "0" * 64) is None
+    path = tmp_path / "r18.pth"
+    torch.save(get_model("resnet18").state_dict(), path)
+    assert load_backbone("resnet18", path, preprocessing="reference").transform.resize_size == [256]
+    sha = load_backbone("resnet18", path).weights_sha256
+    download = replace(ResNet50_Weights.IMAGENET1K_V2.value, url=f"https://example.org/resnet18-{sha[:8]}.pth")
+    monkeypatch.setattr("pipeline.weights.get_model_weights", lambda name: [download])
+    backbone = load_backbone("resnet18", path, preprocessing="reference")
+    assert backbone.transform.resize_size == [232] and backbone.weights == "file"
