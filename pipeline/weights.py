@@ -76,29 +76,54 @@ def _downloaded(chosen):
 # inputs in [-1, 1], which `transform_input` makes of ImageNet-normalised ones.
 PRETRAINED_ARGS = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
 _AUXILIARY = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}  # training-only heads: built if a file has them
+IMAGENET_CLASSES = 1000  # what get_model(name) classifies
 
 
 def load_weights_file(name, path):
     """torchvision's `name` holding the state dict at `path`, built as torchvision builds it for its
-    pretrained weights (PRETRAINED_ARGS) -> (model, those arguments).
+    pretrained weights (PRETRAINED_ARGS), with the file's own number of classes where it is a
+    fine-tuned model's -> (model, the arguments that differ from `get_model(name)`'s).
 
     The model is built on the meta device and given uninitialised memory for the file to fill
     (`to_empty`): a random initialisation, only to be overwritten, is most of a large model's build
-    (README: models, layers and pooling). A model the meta device cannot build, or with state that no
-    file holds (non-persistent buffers), is built in full."""
+    (README: models, layers and pooling)."""
     state = _read_state_dict(path)
-    args = PRETRAINED_ARGS.get(name, {})
+    args = dict(PRETRAINED_ARGS.get(name, {}))
     build = dict(args, **({"aux_logits": any(key.startswith(_AUXILIARY[name]) for key in state),
                            "init_weights": False} if name in _AUXILIARY else {}))
+    model = _build(name, build)
+    classes = _fine_tuned_classes(model.state_dict(), state)
+    if classes:
+        args["num_classes"] = build["num_classes"] = classes
+        model = _build(name, build)
+    if any(p.is_meta for p in model.parameters()):
+        model = model.to_empty(device="cpu")
+    _load_state_dict(model, state, path, name)
+    return model, args
+
+
+def _build(name, build):
+    """`name` on the meta device, or built in full where the meta device cannot build it or it has
+    state that no file holds (non-persistent buffers)."""
     try:
         with torch.device("meta"):
             model = get_model(name, weights=None, **build)
-        empty = not ({key for key, _ in model.named_buffers()} - model.state_dict().keys())
+        if not ({key for key, _ in model.named_buffers()} - model.state_dict().keys()):
+            return model
     except Exception:  # e.g. RegNet, whose builder computes on its tensors
-        empty = False
-    model = model.to_empty(device="cpu") if empty else get_model(name, weights=None, **build)
-    _load_state_dict(model, state, path, name)
-    return model, args
+        pass
+    return get_model(name, weights=None, **build)
+
+
+def _fine_tuned_classes(own, state):
+    """The number of classes of a file that differs from the ImageNet model `own` in that alone (the
+    first dimension of its classifiers), or None."""
+    differ = [key for key in own if hasattr(state.get(key), "shape") and state[key].shape != own[key].shape]
+    classifiers = all(own[key].dim() >= 1 and own[key].shape[0] == IMAGENET_CLASSES
+                      and tuple(state[key].shape[1:]) == tuple(own[key].shape[1:])
+                      and len(state[key].shape) == own[key].dim() for key in differ)
+    classes = {state[key].shape[0] for key in differ}
+    return classes.pop() if differ and classifiers and len(classes) == 1 else None
 
 
 def _read_state_dict(path):
@@ -118,11 +143,17 @@ def _read_state_dict(path):
 def _load_state_dict(model, state, path, name):
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-        raise WeightsError(f"{path}: does not fit torchvision {name} ({len(missing)} missing, {len(unexpected)} "
-                           f"unexpected keys, e.g. {sorted(missing or unexpected)[:2]}"
-                           f"{'; shapes differ' if not (missing or unexpected) else ''}); pass the weights "
+    except RuntimeError as error:
+        own = model.state_dict()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if missing or unexpected:
+            misfit = (f"{len(missing)} missing, {len(unexpected)} unexpected keys, "
+                      f"e.g. {sorted(missing or unexpected)[:2]}")
+        else:
+            key = next((k for k in own if getattr(state[k], "shape", None) != own[k].shape), None)
+            misfit = (f"{key} is {list(getattr(state[key], 'shape', []))} in the file, {list(own[key].shape)} "
+                      "in the model") if key else str(error).strip().splitlines()[-1][:160]
+        raise WeightsError(f"{path}: does not fit torchvision {name} ({misfit}); pass the weights "
                            f"of MODEL={name} or the MODEL these weights belong to") from None
 
 

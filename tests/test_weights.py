@@ -27,6 +27,11 @@ def test_weights_file_errors(tmp_path):
     torch.save(get_model("mobilenet_v2").state_dict(), wrong)
     with pytest.raises(WeightsError, match=r"does not fit torchvision resnet18 .*missing.*MODEL="):
         load_backbone("resnet18", wrong)
+    grey = tmp_path / "r18-grey.pth"
+    torch.save({**get_model("resnet18").state_dict(), "conv1.weight": torch.zeros(64, 1, 7, 7)}, grey)
+    with pytest.raises(WeightsError, match=re.escape("(conv1.weight is [64, 1, 7, 7] in the file, [64, 3, 7, 7] "
+                                                     "in the model)")):
+        load_backbone("resnet18", grey)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a loadable state dict"):
@@ -136,3 +141,22 @@ def test_a_file_of_torchvision_weights_gets_their_own_preprocessing(tmp_path, mo
     monkeypatch.setattr("pipeline.weights.get_model_weights", lambda name: [download])
     backbone = load_backbone("resnet18", path, preprocessing="reference")
     assert backbone.transform.resize_size == [232] and backbone.weights == "file"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])  # a linear classifier, a convolutional one
+def test_a_fine_tuned_model_with_its_own_number_of_classes_loads(tmp_path, name):
+    fine_tuned = get_model(name, num_classes=10)
+    path = tmp_path / f"{name}-10.pth"
+    torch.save(fine_tuned.state_dict(), path)
+    model, args = load_weights_file(name, path)
+    assert args == {"num_classes": 10}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fine_tuned.state_dict().items())
+    assert load_backbone(name, path).model_args == "num_classes=10"
+
+
+def test_a_fine_tuned_models_codes_below_its_classifier_are_the_imagenet_architectures(tmp_path):
+    torch.save(get_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18-10.pth")
+    backbone = load_backbone("resnet18", tmp_path / "r18-10.pth")
+    [layer] = backbone.resolve(["penultimate"])
+    image = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert layer.dim == 512 and backbone.extractor([layer])(image)[layer.name].shape == (2, 512)
