@@ -290,12 +290,12 @@ def load_backbone(name, weights="default", preprocessing="fast"):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = get_model(name, weights=None)
-        backbone = Backbone(name, model, _classic_transforms(enums), "random", "", "random init (seed 0)")
+        backbone = Backbone(name, model, _classic_transforms(enums, model), "random", "", "random init (seed 0)")
     else:
         sha = file_sha256(weights)
         model, args = load_weights_file(name, Path(weights))
         known = torchvision_weights_of(name, sha)  # a torchvision download: its own recipe, as "default" has
-        transform = known.transforms() if known else _classic_transforms(enums)
+        transform = known.transforms() if known else _classic_transforms(enums, model)
         backbone = Backbone(name, model, transform, "file", sha, str(Path(weights).resolve()),
                             ", ".join(f"{key}={value}" for key, value in args.items()))
     backbone.model.eval().requires_grad_(False)
@@ -304,6 +304,15 @@ def load_backbone(name, weights="default", preprocessing="fast"):
     return backbone
 
 
-def _classic_transforms(enums):
-    """Preprocessing for weights torchvision does not describe: its V1 (resize 256, crop 224) recipe."""
-    return getattr(enums, "IMAGENET1K_V1", enums.DEFAULT).transforms()
+def _classic_transforms(enums, model):
+    """Preprocessing for weights torchvision does not describe: its V1 (resize 256, crop 224) recipe, or
+    for a ViT that of torchvision's first weights for the model's input size."""
+    size, classic = getattr(model, "image_size", None), getattr(enums, "IMAGENET1K_V1", enums.DEFAULT)
+    if size is None or classic.meta["min_size"][0] == size:
+        return classic.transforms()
+    sized = [weights for weights in enums if weights.meta["min_size"][0] == size]
+    if not sized:
+        sizes = sorted({weights.meta["min_size"][0] for weights in enums})
+        raise ModelError(f"torchvision has no preprocessing for {type(model).__name__} at {size} px (its weights "
+                         f"take {', '.join(map(str, sizes))}); pass weights for one of those sizes")
+    return sized[0].transforms()

@@ -10,6 +10,7 @@ A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its s
 goes into the cache, so that other weights make another cache.
 """
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -81,8 +82,8 @@ IMAGENET_CLASSES = 1000  # what get_model(name) classifies
 
 def load_weights_file(name, path):
     """torchvision's `name` holding the state dict at `path`, built as torchvision builds it for its
-    pretrained weights (PRETRAINED_ARGS), with the file's own number of classes where it is a
-    fine-tuned model's -> (model, the arguments that differ from `get_model(name)`'s).
+    pretrained weights (PRETRAINED_ARGS), with the file's own input size (ViTs) and number of classes
+    where they differ -> (model, the arguments that differ from `get_model(name)`'s).
 
     The model is built on the meta device and given uninitialised memory for the file to fill
     (`to_empty`): a random initialisation, only to be overwritten, is most of a large model's build
@@ -92,10 +93,12 @@ def load_weights_file(name, path):
     build = dict(args, **({"aux_logits": any(key.startswith(_AUXILIARY[name]) for key in state),
                            "init_weights": False} if name in _AUXILIARY else {}))
     model = _build(name, build)
-    classes = _fine_tuned_classes(model.state_dict(), state)
-    if classes:
-        args["num_classes"] = build["num_classes"] = classes
-        model = _build(name, build)
+    for fit in (_own_image_size, _own_classes):  # what a fine-tuned file may change: rebuilt to fit it
+        found = fit(model, state)
+        if found:
+            args.update(found)
+            build.update(found)
+            model = _build(name, build)
     if any(p.is_meta for p in model.parameters()):
         model = model.to_empty(device="cpu")
     _load_state_dict(model, state, path, name)
@@ -115,15 +118,26 @@ def _build(name, build):
     return get_model(name, weights=None, **build)
 
 
-def _fine_tuned_classes(own, state):
-    """The number of classes of a file that differs from the ImageNet model `own` in that alone (the
-    first dimension of its classifiers), or None."""
+def _own_image_size(model, state):
+    """A ViT file's input size where it is not the model's: one position embedding per patch, and one
+    for the class token -> {"image_size": size} or {}."""
+    embedding = state.get("encoder.pos_embedding")
+    if not hasattr(model, "patch_size") or not hasattr(embedding, "shape") or len(embedding.shape) != 3:
+        return {}
+    size = math.isqrt(embedding.shape[1] - 1) * model.patch_size
+    return {"image_size": size} if size != model.image_size else {}
+
+
+def _own_classes(model, state):
+    """The number of classes of a file that differs from the ImageNet model in that alone (the first
+    dimension of its classifiers) -> {"num_classes": n} or {}."""
+    own = model.state_dict()
     differ = [key for key in own if hasattr(state.get(key), "shape") and state[key].shape != own[key].shape]
     classifiers = all(own[key].dim() >= 1 and own[key].shape[0] == IMAGENET_CLASSES
                       and tuple(state[key].shape[1:]) == tuple(own[key].shape[1:])
                       and len(state[key].shape) == own[key].dim() for key in differ)
     classes = {state[key].shape[0] for key in differ}
-    return classes.pop() if differ and classifiers and len(classes) == 1 else None
+    return {"num_classes": classes.pop()} if differ and classifiers and len(classes) == 1 else {}
 
 
 def _read_state_dict(path):

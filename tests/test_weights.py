@@ -160,3 +160,24 @@ def test_a_fine_tuned_models_codes_below_its_classifier_are_the_imagenet_archite
     [layer] = backbone.resolve(["penultimate"])
     image = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert layer.dim == 512 and backbone.extractor([layer])(image)[layer.name].shape == (2, 512)
+
+
+def test_a_vit_file_of_another_input_size_is_built_at_it_with_torchvisions_recipe_for_it(tmp_path):
+    """vit_b_16 at 384 px, the size of torchvision's SWAG end-to-end weights: its position embeddings say so."""
+    path = tmp_path / "vit-384.pth"
+    torch.save(get_model("vit_b_16", image_size=384).state_dict(), path)
+    backbone = load_backbone("vit_b_16", path)
+    assert backbone.model.image_size == 384 and backbone.model_args == "image_size=384"
+    assert backbone.transform.crop_size == [384] and backbone.input_size == 384
+    [layer] = backbone.resolve(["penultimate"])
+    assert backbone.extractor([layer])(torch.randn(1, 3, 384, 384))[layer.name].shape == (1, 768)
+
+
+def test_a_vit_is_preprocessed_for_its_input_size_or_refused_with_the_sizes_there_are():
+    from types import SimpleNamespace
+    from torchvision.models import ViT_B_32_Weights, ViT_H_14_Weights
+    from pipeline.backbones import _classic_transforms
+    from pipeline.errors import ModelError
+    assert _classic_transforms(ViT_H_14_Weights, SimpleNamespace(image_size=224)).crop_size == [224]  # not 518
+    with pytest.raises(ModelError, match="no preprocessing for SimpleNamespace at 384 px .*take 224"):
+        _classic_transforms(ViT_B_32_Weights, SimpleNamespace(image_size=384))
