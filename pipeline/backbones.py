@@ -64,7 +64,7 @@ class Backbone:
     weights: str              # "IMAGENET1K_V1", "random" or "file"
     weights_sha256: str       # of the weights file; "" for random weights
     weights_source: str       # URL, path, or "random init (seed 0)"
-    model_args: str = ""      # what a weights file's model is built with, as pretrained: "transform_input=True"
+    model_args: str = ""      # what a weights file's model is built with: "transform_input=True", "num_classes=10"
     _traced: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property

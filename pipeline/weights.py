@@ -132,12 +132,19 @@ def _own_classes(model, state):
     """The number of classes of a file that differs from the ImageNet model in that alone (the first
     dimension of its classifiers) -> {"num_classes": n} or {}."""
     own = model.state_dict()
-    differ = [key for key in own if hasattr(state.get(key), "shape") and state[key].shape != own[key].shape]
-    classifiers = all(own[key].dim() >= 1 and own[key].shape[0] == IMAGENET_CLASSES
+    differ = _misshapen(own, state)
+    classifiers = all(hasattr(state[key], "shape") and own[key].dim() >= 1 and own[key].shape[0] == IMAGENET_CLASSES
                       and tuple(state[key].shape[1:]) == tuple(own[key].shape[1:])
                       and len(state[key].shape) == own[key].dim() for key in differ)
+    if not (differ and classifiers):
+        return {}
     classes = {state[key].shape[0] for key in differ}
-    return {"num_classes": classes.pop()} if differ and classifiers and len(classes) == 1 else {}
+    return {"num_classes": classes.pop()} if len(classes) == 1 else {}
+
+
+def _misshapen(own, state):
+    """The keys of `own` whose value in the file has another shape (or none: not a tensor)."""
+    return [key for key in own if key in state and getattr(state[key], "shape", None) != own[key].shape]
 
 
 def _read_state_dict(path):
@@ -164,7 +171,7 @@ def _load_state_dict(model, state, path, name):
             misfit = (f"{len(missing)} missing, {len(unexpected)} unexpected keys, "
                       f"e.g. {sorted(missing or unexpected)[:2]}")
         else:
-            key = next((k for k in own if getattr(state[k], "shape", None) != own[k].shape), None)
+            key = next(iter(_misshapen(own, state)), None)
             misfit = (f"{key} is {list(getattr(state[key], 'shape', []))} in the file, {list(own[key].shape)} "
                       "in the model") if key else str(error).strip().splitlines()[-1][:160]
         raise WeightsError(f"{path}: does not fit torchvision {name} ({misfit}); pass the weights "
