@@ -47,9 +47,11 @@ SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
 ROWS_VERSION = "r2"        # in the file name: r2 rows carry path-like ids, sizes and content hashes
 
 
-def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
-    """A cache file of n class-structured rows (made once; its name says how) -> its path."""
-    path = Path(folder) / "synthetic" / f"gauss-n{n}-d{d}-k{k}-s{seed}-{ROWS_VERSION}.h5"
+def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0, class_order=False):
+    """A cache file of n class-structured rows (made once; its name says how) -> its path. `class_order`:
+    rows by split, then class, as class folders list them (else in random order)."""
+    order = "-sorted" if class_order else ""
+    path = Path(folder) / "synthetic" / f"gauss-n{n}-d{d}-k{k}-s{seed}{order}-{ROWS_VERSION}.h5"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,9 @@ def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0):
     mixing = rng.normal(0.0, 1.0 / np.sqrt(LATENT), (LATENT, d)).astype(np.float32)
     labels = rng.integers(0, k, n)
     split = rng.choice(np.array(["train", "val", "test"]), size=n, p=[0.7, 0.15, 0.15])
+    if class_order:
+        rows = np.lexsort((labels, split))
+        labels, split = labels[rows], split[rows]
 
     def fill(layers):
         for lo in range(0, n, BLOCK):
@@ -243,16 +248,18 @@ def table(rows):
 @click.option("--fashion", default="", help="Also caches of real MobileNetV2 codes of N Fashion-MNIST variants (N,N,..).")
 @click.option("--shared", type=click.Path(path_type=Path), default=Path("../shared"), show_default=True,
               help="Folder with data/fashion-mnist-subset and the MobileNetV2 weights (for --fashion).")
+@click.option("--class-order", is_flag=True, help="Synthetic rows by split, then class (as class folders give).")
 @click.option("--heads", default=",".join(HEADS), show_default=True)
 @click.option("--sklearn-limit", type=int, default=SKLEARN_LIMIT, show_default=True)
 @click.option("--memory-budget", type=BYTES, default="1G", show_default=True,
               help="The torch heads' budget: the 100k and 1M caches stream under the default, so their RSS compares.")
 @click.option("--folder", type=click.Path(path_type=Path), default=Path("bench/heads"), show_default=True)
 @click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
-def main(sizes, caches, fashion, shared, heads, sklearn_limit, memory_budget, folder, reports_dir):
+def main(sizes, caches, fashion, shared, class_order, heads, sklearn_limit, memory_budget, folder, reports_dir):
     """Every head's protocol on synthetic caches of each size (and real caches): seconds, RSS, accuracy."""
     say = lambda text: click.echo(text, err=True)
-    paths = [(synthetic_cache(folder, int(n)), "penultimate", False) for n in sizes.split(",") if n]
+    paths = [(synthetic_cache(folder, int(n), class_order=class_order), "penultimate", False)
+             for n in sizes.split(",") if n]
     paths += [(*(c.split("@", 1) if "@" in c else (c, "penultimate")), True) for c in caches]
     paths += [(str(fashion_cache(shared, folder, int(n))), "penultimate", True) for n in fashion.split(",") if n]
     rows = run(paths, heads.split(","), sklearn_limit, folder / "heads-out", memory_budget, say)

@@ -1,5 +1,6 @@
 """One cached layer as stage two reads it: in memory when it fits the budget, else
-streamed from the HDF5 cache in chunk order.
+streamed from the HDF5 cache in blocks (in chunk order, or of chunks drawn at random
+for training).
 
     codes = CachedLayer("features/vehicles/x.h5", "penultimate", memory_budget=2 * 2**30)
     scaler = codes.scaler("train", "val")                    # mean and scale in one pass
@@ -122,7 +123,8 @@ class CachedLayer:
 
     def batches(self, splits, scaler, batch_size, seed):
         """Shuffled minibatches (standardised X [B, D], y [B]) of the rows in `splits`, one epoch. In
-        memory: a permutation of the rows; streamed: blocks in row order, rows shuffled within each."""
+        memory: a permutation of the rows; streamed: blocks of pieces drawn at random from the whole
+        layer, rows shuffled within each (a class-sorted cache read in row order biases the fit)."""
         rng = np.random.default_rng(seed)
         if self.in_memory:
             rows = rng.permutation(self.rows(*splits))
@@ -130,11 +132,14 @@ class CachedLayer:
                 take = np.sort(rows[lo:lo + batch_size])
                 yield scaler.in_place(self.X[take]), self.labels[take]
             return
-        for rows, X in self.blocks(splits, scaler):
-            order = rng.permutation(len(rows))
-            for lo in range(0, len(rows), batch_size):
-                take = order[lo:lo + batch_size]
-                yield X[take], self.labels[rows[take]]
+        wanted = np.isin(self.split, splits)
+        with FeatureCache(self.path) as cache:
+            for rows, X in cache.shuffled_blocks(self.layer, rng, self.block_bytes):
+                keep = wanted[rows]
+                rows, X, order = rows[keep], scaler.in_place(X[keep]), rng.permutation(int(keep.sum()))
+                for lo in range(0, len(rows), batch_size):
+                    take = order[lo:lo + batch_size]
+                    yield X[take], self.labels[rows[take]]
 
 
 def resolve_layer(cache, layer):

@@ -75,3 +75,18 @@ def test_standardising_leaves_the_cached_codes_as_they_are(layers):
     np.testing.assert_allclose(scaler(raw), (raw - scaler.mean) / scaler.scale, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(raw, X[:4].astype(np.float32))  # __call__ copies; in_place writes
     assert scaler.in_place(raw) is raw
+
+
+def test_a_class_sorted_cache_streams_mixed(tmp_path):
+    """Class folders give a cache in class order: streamed in row order, each block held one or two classes
+    and the refit drifted toward the last ones (a linear SVM lost 5 points on such a cache)."""
+    y = np.repeat(np.arange(10), 60)
+    X = np.stack([np.arange(len(y)), y, np.zeros(len(y))], axis=1).astype(np.float32)  # row index, class, 0
+    path = make_cache(tmp_path / "toy" / "m-random.h5", X, y, np.array(["train"] * len(y)), list("abcdefghij"))
+    layer = CachedLayer(path, "fc7", memory_budget=0)
+    layer.block_bytes = 60 * 3 * 4  # 60 rows a block: one class, when read in row order
+    batches = list(layer.batches(("train",), Scaler(np.zeros(3), np.ones(3)), 60, seed=0))
+    assert all(len(np.unique(labels)) >= 5 for _, labels in batches)
+    rows, labels = np.concatenate([x[:, 0] for x, _ in batches]).astype(int), np.concatenate([c for _, c in batches])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(y)))  # every row once
+    np.testing.assert_array_equal(labels, y[rows])                   # each with its own label

@@ -208,6 +208,25 @@ class FeatureCache:
         for lo in range(0, ds.shape[0], step):
             yield lo, ds[lo:lo + step]
 
+    def shuffled_blocks(self, layer, rng, block_bytes=_BLOCK_BYTES):
+        """The codes of `layer` in blocks of pieces (whole chunks, or at least 16 pieces a block) drawn at
+        random from the whole layer -> (row indices, float32 [B, D]): every row once, and each block mixes
+        far parts of the file, so that a cache in class order (class folders) trains as if shuffled."""
+        ds = self.h5["layers"][layer]
+        n, d = ds.shape
+        step = max(1, block_bytes // (4 * max(d, 1)))
+        piece = min(ds.chunks[0] if ds.chunks else 1, max(1, step // 16))
+        starts = rng.permutation(np.arange(0, n, piece))
+        for first in range(0, len(starts), max(1, step // piece)):
+            group = np.sort(starts[first:first + max(1, step // piece)])  # forward through the file
+            rows = np.concatenate([np.arange(lo, min(lo + piece, n)) for lo in group])
+            X, at = np.empty((len(rows), d), dtype=np.float32), 0
+            for lo in group:
+                hi = min(lo + piece, n)
+                ds.read_direct(X, np.s_[lo:hi], np.s_[at:at + hi - lo])
+                at += hi - lo
+            yield rows, X
+
     def close(self):
         self.h5.close()
 
