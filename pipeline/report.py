@@ -7,8 +7,9 @@
 Reads only the result JSON that `train.train_head` writes next to each head
 (store.results.HeadResult) and the sweeps' records; nothing is unpickled and torch
 is never imported. The best run of a data set is the one with the highest
-*validation* accuracy (ties: a sweep's chosen layer, then the first in sort order);
-test accuracy is reported, never used to choose.
+*validation* accuracy among runs on trained weights (random weights are a floor, chosen
+only when there is nothing else; ties: a sweep's chosen layer, then the first in sort
+order); test accuracy is reported, never used to choose.
 Runs on random weights are labelled "random (untrained)" wherever weights show.
 """
 import html
@@ -78,8 +79,9 @@ def sort_key(run):
 
 
 def best_run(runs):
-    """The run with the highest validation accuracy; ties go to a sweep's chosen layer, then the first."""
-    return max(runs, key=lambda run: (run["val_accuracy"], bool(run.get("chosen"))))  # max keeps the first of equals
+    """The run with the highest validation accuracy, on trained weights where there are any (a random-weights
+    run's lucky val score on a few images is no model to show); ties go to a sweep's chosen layer, then the first."""
+    return max(runs, key=lambda run: (run["weights"] != "random", run["val_accuracy"], bool(run.get("chosen"))))
 
 
 def depth_groups(runs):
@@ -198,8 +200,8 @@ def write_html(path, runs, sections, warnings=()):
     rows_class = ["random" if r["weights"] == "random" else "chosen" if r.get("chosen") is True else "" for r in runs]
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Trained heads</title><style>{CSS}</style>"
              "</head><body><h1>Trained heads</h1>",
-             "<p>Best run per data set: highest <em>validation</em> accuracy. Rows on random (untrained) weights are "
-             "greyed: their accuracy is only a floor.</p>",
+             "<p>Best run per data set: highest <em>validation</em> accuracy on trained weights. Rows on random "
+             "(untrained) weights are greyed: their accuracy is only a floor.</p>",
              _html_table(COLUMNS, [_cells(r) for r in runs], rows_class)]
     parts += [f"<p class=\"note\">{html.escape(w)}</p>" for w in warnings]
     for s in sections:

@@ -48,6 +48,9 @@ def load_codes(cache_file, layer, memory_budget=None):
     for s in SPLITS:
         if not len(codes.rows(s)):
             raise CacheError(f"{cache_file}: the {s} split is empty; re-extract with a data set that has one")
+    if len(codes.class_names) < 2:
+        raise CacheError(f"{cache_file}: one class only ({', '.join(map(str, codes.class_names)) or 'none'}); a "
+                         "classifier needs at least two: add a folder (or labels) per class and extract again")
     missing = set(range(len(codes.class_names))) - set(codes.labels[codes.rows("train")])
     if missing:
         raise CacheError(f"{cache_file}: classes {[codes.class_names[i] for i in sorted(missing)]} have no train "

@@ -118,6 +118,13 @@ def test_best_run_is_chosen_on_val_not_test(report):
     assert "Best on val: resnet18, IMAGENET1K_V1, layer3:avg, softmax" in md
 
 
+def test_a_random_weights_run_is_best_only_when_nothing_else_is_there():
+    trained = {"weights": "IMAGENET1K_V1", "val_accuracy": 0.875, "layer": "avgpool"}
+    lucky = {"weights": "random", "val_accuracy": 1.0, "layer": "features.3:avg"}  # 8 val images, a lucky draw
+    assert best_run([lucky, trained]) is trained
+    assert best_run([lucky, {**lucky, "val_accuracy": 0.5}]) is lucky
+
+
 def test_data_checks_of_the_best_run_are_shown(report):
     md = (report["dir"] / "report.md").read_text()
     assert "### Data checks" in md and "1 images skipped" in md and "1 val/test images also in train" in md

@@ -96,6 +96,11 @@ def test_train_head_errors(cache, tmp_path):
                           ["a", "b"])
     with pytest.raises(CacheError, match=r"classes \['b'\] have no train images"):
         train_head(no_train, "fc7", "svm")
+    one_class = make_cache(tmp_path / "one" / "m-random.h5", X, np.zeros_like(y), np.array(FIVE * (len(y) // 5)),
+                           ["cars"])
+    for head in ("svm", "softmax"):  # a traceback from scikit-learn, and a "perfect" svm, before
+        with pytest.raises(CacheError, match=r"one class only \(cars\); a classifier needs at least two"):
+            train_head(one_class, "fc7", head)
 
 
 def test_auto_takes_scikit_learn_for_small_softmax_heads_and_torch_otherwise(cache, monkeypatch):
