@@ -24,7 +24,7 @@ from PIL import Image
 
 from .errors import DataError, ImageDecodeError
 from .images import load_file, one_line, read_image_bytes
-from .layouts import pixel_sha256, read_csv_images, read_digits, read_image_folder, read_pixel_csv
+from .layouts import data_csv_files, pixel_sha256, read_csv_images, read_digits, read_image_folder, read_pixel_csv
 from .sources import is_image_file
 
 LAYOUTS = ("csv", "imagefolder", "pixels", "digits")
@@ -103,9 +103,9 @@ def load_dataset(name, data_dir="data", seed=0, drop_duplicates=False):
     if not root.is_dir():
         raise DataError(f"{root}: no such data set folder; put the data there (see data/README.md) "
                         f"or point DATA_DIR at the folder that holds {name}/")
-    if (root / "images").is_dir() and sorted(root.glob("*.csv")):
+    if (root / "images").is_dir() and data_csv_files(root):
         return _make_table(name, "csv", root, read_csv_images(root), seed, drop_duplicates)
-    if sorted(root.glob("*.csv")):
+    if data_csv_files(root):
         return _make_table(name, "pixels", root, read_pixel_csv(root), seed, drop_duplicates)
     if any(is_image_file(p) for p in root.rglob("*")):
         return _make_table(name, "imagefolder", root, read_image_folder(root), seed, drop_duplicates)

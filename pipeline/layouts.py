@@ -9,10 +9,13 @@
 
 A row that cannot be used (a missing file, an empty label, a file listed twice, a
 name that is not UTF-8) is left out with its reason, never guessed at. A path
-leading out of the data set and an unreadable CSV are DataErrors.
+leading out of the data set, an unreadable CSV, a row with more values than its header
+(or too few), and a folder with two CSVs (which one holds the labels?) are DataErrors
+naming the file, the line and the remedy.
 """
 import csv
 import hashlib
+import math
 import os
 import stat
 import warnings
@@ -73,6 +76,21 @@ def pixel_sha256(pixels):
     return [hashlib.sha256(row.tobytes()).hexdigest() for row in pixels]
 
 
+def data_csv_files(root):
+    """The CSV files of a data set folder, sorted; hidden ones (`._labels.csv` from macOS) are not data."""
+    return sorted(p for p in root.glob("*.csv") if not p.name.startswith(".") and p.is_file())
+
+
+def the_csv(root):
+    """The one CSV of a data set folder. Several -> DataError: a second CSV (a test list, a backup)
+    must never silently decide the labels."""
+    found = data_csv_files(root)
+    if len(found) > 1:
+        raise DataError(f"{root}: {len(found)} CSV files ({_and([p.name for p in found])}), cannot tell which "
+                        f"holds the labels; keep one CSV in {root} and move the others out")
+    return found[0]
+
+
 def _read_csv(csv_path):
     """Non-blank rows of a CSV as (line number, fields); bad encoding or syntax -> DataError."""
     try:
@@ -131,7 +149,7 @@ class _CsvRow(NamedTuple):
 
 
 def read_csv_images(root):
-    csv_path = sorted(root.glob("*.csv"))[0]
+    csv_path = the_csv(root)
     rows = _read_csv(csv_path)
     if len(rows) < 2 or len(rows[0][1]) < 2:
         raise DataError(f"{csv_path}: needs a header and rows of `file,label`")
@@ -144,7 +162,7 @@ def read_csv_images(root):
     label_col = _label_column(csv_path, header, file_col)
     usable, skipped = [], []  # skipped: (line, id, reason)
     for line, row in rows:
-        if len(row) <= max(file_col, label_col):
+        if len(row) <= max(file_col, label_col) or any(v.strip() for v in row[len(header):]):
             raise DataError(f"{csv_path}:{line}: row has {len(row)} fields, expected {len(header)}; fix that line")
         rel, label = row[file_col], row[label_col].strip()
         path, stamp, reason = _csv_row_file(csv_path, line, images, rel)
@@ -238,8 +256,8 @@ def _list_folder_image(listing, root, path, label, split):
 
 
 def read_pixel_csv(root):
-    csv_path = sorted(root.glob("*.csv"))[0]
-    header = (_read_csv(csv_path) or [(1, [])])[0][1]
+    csv_path = the_csv(root)
+    header_line, header = (_read_csv(csv_path) or [(1, [])])[0]
     label_cols = [c for c, h in enumerate(header) if h.strip().lower() in ("y", "label")]
     if not label_cols:
         raise DataError(f"{csv_path}: a pixel CSV needs a label column named `y` or `label`; "
@@ -249,15 +267,7 @@ def read_pixel_csv(root):
     if side * side != n_pixels:
         raise DataError(f"{csv_path}: {n_pixels} pixel columns is not a square image; "
                         "each row must hold one square grayscale image")
-    try:
-        with warnings.catch_warnings():  # a header alone: the check below says so in one line
-            warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
-            table = np.loadtxt(csv_path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{csv_path}: every value must be a number ({str(e)[:120]})") from None
-    if table.shape[0] == 0 or table.shape[1] != len(header) or not np.isfinite(table).all():
-        raise DataError(f"{csv_path}: needs rows of {len(header)} finite numbers under its header; "
-                        f"found {table.shape[0]} rows of {table.shape[1]}")
+    table = _pixel_table(csv_path, header, header_line)
     label_col = label_cols[0]
     raw = [str(int(v)) if float(v).is_integer() else str(v) for v in table[:, label_col]]
     values = np.delete(table, label_col, axis=1)
@@ -266,6 +276,60 @@ def read_pixel_csv(root):
     pixels = np.clip(np.rint(values), 0, 255).astype(np.uint8).reshape(-1, side, side)
     fingerprint = hashlib.sha256(csv_path.read_bytes()).hexdigest()
     return _pixel_listing(str(csv_path), raw, pixels, fingerprint)
+
+
+def _pixel_table(csv_path, header, header_line):
+    """The numbers under the header [rows, columns], read by numpy (fast). When numpy refuses the file,
+    or it holds a row of another length or a value that is not finite, the lines are read again (slowly)
+    to name the first bad one."""
+    try:
+        with warnings.catch_warnings():  # a header alone: the check below says so in one line
+            warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+            table = np.loadtxt(csv_path, delimiter=",", skiprows=header_line, dtype=np.float64, ndmin=2,
+                               encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except ValueError:
+        table = None
+    if table is not None and table.shape[0] and table.shape[1] == len(header) and np.isfinite(table).all():
+        return table
+    _raise_at_bad_pixel_line(csv_path, header, header_line)
+    if table is None:  # numpy and the line-by-line reading disagree: say what every line needs
+        raise DataError(f"{csv_path}: cannot read the lines under its header as numbers; each line must hold "
+                        f"{len(header)} numbers separated by commas")
+    raise DataError(f"{csv_path}: needs rows of {len(header)} finite numbers under its header; "
+                    f"found {table.shape[0]} rows of {table.shape[1]}")
+
+
+def _raise_at_bad_pixel_line(csv_path, header, header_line):
+    """Read the lines under the header as np.loadtxt does (`#` starts a comment, empty lines are
+    skipped, quotes are plain text) and raise a DataError at the first line that does not hold
+    len(header) finite numbers."""
+    with open(csv_path, encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, 1):
+            text = text.rstrip("\n").split("#")[0]
+            if line <= header_line or not text:
+                continue
+            values = text.split(",")
+            if len(values) != len(header):
+                raise DataError(f"{csv_path}:{line}: row has {len(values)} values, the header has {len(header)}; "
+                                "fix that line")
+            for c, value in enumerate(values):
+                number = _number(value)
+                if number is None or not math.isfinite(number):
+                    name = header[c].strip() if header[c].strip().isprintable() else ""
+                    raise DataError(f"{csv_path}:{line}: value {value.strip()[:40]!r} in column {name or c + 1} "
+                                    f"is not {'a' if number is None else 'a finite'} number; fix that line")
+
+
+def _number(text):
+    """float(text), or None where numpy would not read it as a number (Python also takes `1_0`, `١`)."""
+    if not text.isascii() or "_" in text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def read_digits():

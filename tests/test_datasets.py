@@ -287,6 +287,12 @@ def test_content_sha256_is_the_hash_load_gives(tmp_path):
 # Errors
 
 
+def test_hidden_csv_does_not_make_a_pixel_layout(tmp_path):
+    make_folder_set(tmp_path / "f", {"a": 10, "b": 10})
+    (tmp_path / "f" / "._labels.csv").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    assert load_dataset("f", tmp_path).layout == "imagefolder"
+
+
 def test_error_missing_data_set_folder(tmp_path):
     with pytest.raises(DataError, match=line_with(tmp_path / "nowhere", "DATA_DIR")):
         load_dataset("nowhere", tmp_path)

@@ -271,6 +271,50 @@ def test_error_csv_label_column_ambiguous(tmp_path):
         load_dataset("veh", tmp_path)
 
 
+def test_error_csv_folder_with_two_csvs(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    flipped = [[name, "1" if label == "0" else "0"] for name, label in csv_rows(root)[1:]]
+    write_csv(root / "other.csv", [["file", "label"]] + flipped)  # a second CSV must not decide the labels
+    write_csv(root / "a_test_list.csv", [["file"], ["0.png"]])
+    with pytest.raises(DataError, match=line_with("veh: 3 CSV files (a_test_list.csv, other.csv and train.csv)",
+                                                  "cannot tell which holds the labels",
+                                                  "keep one CSV in", "move the others out")):
+        load_dataset("veh", tmp_path)
+
+
+def test_csv_hidden_csv_is_not_a_second_csv(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    (root / "._train.csv").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (root / "notes.csv").mkdir()  # a folder, not a CSV file
+    assert len(load_dataset("veh", tmp_path)) == 20
+
+
+def test_error_csv_row_with_more_fields_than_the_header(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    rows = csv_rows(root)
+    rows[5].append("extra")  # file line 6
+    write_csv(root / "train.csv", rows)
+    with pytest.raises(DataError, match=line_with("train.csv:6: row has 3 fields, expected 2; fix that line")):
+        load_dataset("veh", tmp_path)
+
+
+def test_error_csv_row_with_more_fields_than_a_wide_header(tmp_path):
+    root = make_csv_set(tmp_path / "pets", balanced(10, ["cat", "dog"]), header=("file", "label"), extra="source")
+    rows = csv_rows(root)
+    rows[3].append("4th")
+    write_csv(root / "train.csv", rows)
+    with pytest.raises(DataError, match=line_with("train.csv:4: row has 4 fields, expected 3; fix that line")):
+        load_dataset("pets", tmp_path)
+
+
+def test_csv_row_with_trailing_empty_fields_is_read(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    rows = csv_rows(root)
+    write_csv(root / "train.csv", rows[:5] + [rows[5] + ["", " "]] + rows[6:])  # `4.png,0,, `: nothing is dropped
+    table = load_dataset("veh", tmp_path)
+    assert labels_by_id(table) == expected_labels(rows)
+
+
 def test_error_csv_header_and_blank_line_only(tmp_path):
     root = tmp_path / "veh"
     (root / "images").mkdir(parents=True)
@@ -302,8 +346,73 @@ def test_error_pixel_csv_without_label_column(tmp_path):
 
 
 def test_error_pixel_csv_non_numeric_value(tmp_path):
-    write_pixel_csv(tmp_path / "px", "y", 16, bad=(3, 9, "dark"))
-    with pytest.raises(DataError, match=line_with("p.csv", "must be a number", "dark")):
+    write_pixel_csv(tmp_path / "px", "y", 16, bad=(3, 9, "dark"))  # data row 3 is file line 4
+    with pytest.raises(DataError, match=line_with("p.csv:4: value 'dark' in column p8 is not a number; fix that line")):
+        load_dataset("px", tmp_path)
+
+
+def test_error_pixel_csv_short_row_names_its_file_line(tmp_path):
+    path = write_pixel_csv(tmp_path / "px", "y", 16, rows=80)
+    with open(path, "a") as f:
+        f.write("3,1,2,3\n")  # file line 82
+    with pytest.raises(DataError, match=line_with("p.csv:82: row has 4 values, the header has 17; fix that line")) as e:
+        load_dataset("px", tmp_path)
+    assert "usecols" not in str(e.value)  # numpy's advice, no use to the user
+
+
+def test_error_pixel_csv_long_row_names_its_file_line(tmp_path):
+    path = write_pixel_csv(tmp_path / "px", "y", 4)
+    path.write_text(path.read_text() + "1,2,3,4,5,6\n")
+    with pytest.raises(DataError, match=line_with("p.csv:6: row has 6 values, the header has 5; fix that line")):
+        load_dataset("px", tmp_path)
+
+
+def test_error_pixel_csv_every_row_one_value_short(tmp_path):
+    write_csv(tmp_path / "px" / "p.csv", [["y"] + [f"p{j}" for j in range(4)]] + [["0", "1", "2", "3"]] * 4)
+    with pytest.raises(DataError, match=line_with("p.csv:2: row has 4 values, the header has 5; fix that line")):
+        load_dataset("px", tmp_path)
+
+
+def test_error_pixel_csv_line_numbers_count_blank_and_comment_lines(tmp_path):
+    root = tmp_path / "px"
+    root.mkdir()
+    (root / "p.csv").write_text("\ny,a,b,c,d\n0,1,2,3,4\n\n# a note\n1,2,3,4,5 # fine\n1,2,3,abc,5\n")
+    with pytest.raises(DataError, match=line_with("p.csv:7: value 'abc' in column c is not a number; fix that line")):
+        load_dataset("px", tmp_path)
+
+
+def test_pixel_csv_blank_line_before_the_header(tmp_path):
+    root = tmp_path / "px"
+    root.mkdir()
+    (root / "p.csv").write_text("\ny,a,b,c,d\n" + "".join(f"{i % 2},1,2,3,{i}\n" for i in range(20)))
+    assert load_dataset("px", tmp_path).pixels.shape == (20, 2, 2)
+
+
+@pytest.mark.parametrize("cell", ["", "1_0", "\"7\"", "0x10"])
+def test_error_pixel_csv_value_numpy_does_not_read(tmp_path, cell):
+    path = write_pixel_csv(tmp_path / "px", "y", 4)
+    lines = path.read_text().splitlines()
+    lines[2] = f"0,1,1,{cell},1"  # written as is: numpy reads quotes as text
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=line_with(f"p.csv:3: value {cell!r} in column p2 is not a number")):
+        load_dataset("px", tmp_path)
+
+
+@pytest.mark.parametrize("cell", ["inf", "nan", "-Infinity"])
+def test_error_pixel_csv_value_not_finite(tmp_path, cell):
+    write_pixel_csv(tmp_path / "px", "y", 4, bad=(4, 1, cell))
+    with pytest.raises(DataError, match=line_with(f"p.csv:5: value {cell!r} in column p0 is not a finite number; "
+                                                  "fix that line")):
+        load_dataset("px", tmp_path)
+
+
+def test_error_pixel_folder_with_two_csvs(tmp_path):
+    make_pixel_set(tmp_path / "px", balanced(10, [0, 1]))
+    make_pixel_set(tmp_path / "px", balanced(10, [1, 0]))
+    (tmp_path / "px" / "pixels.csv").rename(tmp_path / "px" / "a_backup.csv")
+    make_pixel_set(tmp_path / "px", balanced(10, [0, 1]))
+    with pytest.raises(DataError, match=line_with("px: 2 CSV files (a_backup.csv and pixels.csv)",
+                                                  "keep one CSV in", "move the others out")):
         load_dataset("px", tmp_path)
 
 
