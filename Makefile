@@ -10,6 +10,7 @@ LAYERS      ?= penultimate
 LAYER       ?= penultimate
 WEIGHTS     ?=
 HEAD        ?= softmax
+POOLING     ?=
 DATA_DIR    ?= data
 FEATURES_DIR ?= features
 REPORTS_DIR ?= reports
@@ -28,6 +29,8 @@ TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.2
 
 CLI := $(PY) -m pipeline
 opt = $(if $(2),$(1) $(2))
+# DROP_DUPLICATES=1 drops, =0 keeps; unset: as the cache was made.
+DUPLICATES_OPT = $(if $(filter 1 yes true,$(DROP_DUPLICATES)),--drop-duplicates,$(if $(filter 0 no false,$(DROP_DUPLICATES)),--keep-duplicates))
 ENGINE_OPTS = --engine $(ENGINE) $(call opt,--ray-address,$(RAY_ADDRESS)) --ray-data $(RAY_DATA)
 # Ray is installed only when ENGINE=ray asks for it (and for the tests).
 ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray) $(if $(filter device,$(DECODE)),$(VENV)/.gpu)
@@ -35,11 +38,11 @@ ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray) $(if $(filter device,$(
 .PHONY: help venv extract train-head report predict taps demo test test-fast sweep bench bench-heads clean
 
 help:
-	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1] [DECODE=cpu|device] [COMPILE=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
-	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=torch|sklearn] [MEMORY_BUDGET=4G]"
-	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..]   [COMPILE=1]  (every standard tap; choose the layer on val)"
+	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1|0] [DECODE=cpu|device] [COMPILE=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
+	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=auto|torch|sklearn] [MEMORY_BUDGET=4G]"
+	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..] [POOLING=avg|max|avgmax|gridK] [DROP_DUPLICATES=1|0] [COMPILE=1]  (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
-	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv] [COMPILE=1]"
+	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv] [WEIGHTS=..: if moved] [BATCH=..] [COMPILE=1]"
 	@echo "make taps       MODEL=resnet50"
 	@echo "make demo       [DATASET=digits] [MODEL=vgg16] [WEIGHTS=default]: extract, the three heads, report"
 	@echo "make test       the test suite (real data from SHARED=$(SHARED))"
@@ -67,7 +70,7 @@ extract: venv $(ENGINE_DEPS)
 	$(CLI) extract --dataset $(DATASET) --model $(or $(MODEL),vgg16) --layers $(LAYERS) --weights $(or $(WEIGHTS),default) \
 	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --device $(DEVICE) --precision $(PRECISION) \
 	  $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) $(if $(COMPILE),--compile) \
-	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(if $(DROP_DUPLICATES),--drop-duplicates) $(ENGINE_OPTS)
+	  $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(DUPLICATES_OPT) $(ENGINE_OPTS)
 
 train-head: venv
 	$(CLI) train-head --head $(HEAD) --dataset $(DATASET) --layer $(LAYER) --features-dir $(FEATURES_DIR) \
@@ -76,7 +79,7 @@ train-head: venv
 
 sweep: venv $(ENGINE_DEPS)
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
-	  --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
+	  $(call opt,--pooling,$(POOLING)) $(DUPLICATES_OPT) --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
 	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) $(if $(COMPILE),--compile) \
 	  $(ENGINE_OPTS)
 
@@ -84,7 +87,8 @@ report: venv
 	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)
 
 predict: venv $(ENGINE_DEPS)
-	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) --device $(DEVICE) $(if $(COMPILE),--compile) $(ENGINE_OPTS)
+	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) $(call opt,--weights,$(WEIGHTS)) \
+	  --device $(DEVICE) $(call opt,--batch-size,$(BATCH)) $(if $(COMPILE),--compile) $(ENGINE_OPTS)
 
 taps: venv
 	$(CLI) taps $(or $(MODEL),vgg16)

@@ -86,24 +86,31 @@ class Backbone:
         """Named taps of this model -> graph node (see module docstring)."""
         return named_taps(self.model, self.nodes())
 
-    def resolve(self, specs, default_pooling="avg"):
-        """["penultimate", "conv5:max", ...] -> [Layer], named as in the cache, in forward order."""
+    def resolve(self, specs, default_pooling="avg", strict=False):
+        """["penultimate", "conv5:max", ...] -> [Layer], named as in the cache, in forward order. A pooling of a
+        tap that is already a vector is dropped (the sweep pools every tap alike); `strict`: refused instead."""
         taps, nodes = self.taps(), self.nodes()
-        wanted = {}
+        wanted, explicit = {}, {}
         for spec in specs:
-            tap, _, pooling = spec.partition(":")
-            pooling = "none" if tap == "penultimate" else check_pooling(pooling or default_pooling)
+            tap, _, given = spec.partition(":")
+            pooling = "none" if tap == "penultimate" else check_pooling(given or default_pooling)
             node = taps.get(tap, tap if _in_graph(tap, nodes) else None)
             if node is None:
                 raise ModelError(f"{self.name} has no tap {tap!r}; named taps: {', '.join(taps)} "
-                                 f"(graph nodes too: `pipeline taps {self.name}` lists them all)")
+                                 f"(graph nodes too: `pipeline taps {self.name} --all` lists them all)")
             wanted[(node, pooling)] = _canonical_tap(taps, tap, node)
+            if given:
+                explicit[(node, pooling)] = spec
         depth = {node: _position(node, nodes) for node, _ in wanted}
         shapes = self.output_shapes(sorted(depth, key=depth.get))
         layers = {}
         for (node, pooling), tap in sorted(wanted.items(), key=lambda kv: depth[kv[0][0]]):
             shape = shapes[node]  # (C, H, W), (T, C) or (D,)
             spatial = pooling != "none" and (len(shape) == 2 or (len(shape) == 3 and shape[1] * shape[2] > 1))
+            if strict and not spatial and (node, pooling) in explicit:
+                raise ModelError(f"layer {explicit[node, pooling]!r}: {tap} of {self.name} is a vector already (output "
+                                 f"{list(shape)}), so it takes no pooling; ask for {tap}, or pool a spatial tap "
+                                 f"(`pipeline taps {self.name}` shows the shapes)")
             name = f"{tap}:{pooling}" if spatial else tap  # a vector needs no pooling: one layer
             pooling = pooling if spatial else "none"
             dim = pool(torch.zeros(1, *shape), pooling).shape[1]

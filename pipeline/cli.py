@@ -83,6 +83,13 @@ def _compile_option(f):
                              "needs a C++ compiler.")(f)
 
 
+def _duplicates_option(f):
+    return click.option("--drop-duplicates/--keep-duplicates", default=None,
+                        help="Leave out byte-identical images (all of a group whose labels disagree) before splitting, "
+                             "or keep them. Default: as the cache was made (kept in a new one); a change is an "
+                             "update.")(f)
+
+
 def _data_options(f):
     f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
     f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
@@ -104,8 +111,7 @@ def _data_options(f):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
 @click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
-@click.option("--drop-duplicates", is_flag=True,
-              help="Leave out byte-identical images (all of a group whose labels disagree) before splitting.")
+@_duplicates_option
 @_engine_options
 @_data_options
 def extract(dataset, model, layers, weights, device, precision, batch_size, workers, decode, compiled, quiet, update,
@@ -113,13 +119,15 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     """Stage one: cache a frozen CNN's codes for every image of a data set."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .extract import check_engine_options, extract_features
+    from .extract import check_engine_options, duplicates_rule, extract_features
 
     if update and rebuild:
         raise click.UsageError("--update and --rebuild exclude each other: choose one")
     check_engine_options(engine, device, workers, decode, compiled)
-    table = load_dataset(dataset, data_dir, drop_duplicates=drop_duplicates)
+    table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
+                                                                            drop_duplicates))
     backbone = load_backbone(model, weights)
+    backbone.resolve(_split(layers), strict=True)  # refuse a pooling of a vector tap (avgpool:max) before any work
     try:
         result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
@@ -138,8 +146,10 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 @cli.command("train-head")
 @click.option("--head", type=HEAD, default="softmax", show_default=True)
 @click.option("--dataset", default="vehicles", show_default=True)
-@click.option("--model", default=None, help="Default: the only (or newest) cache of the data set.")
-@click.option("--weights", default=None, help="default, none or a .pth path, as given to extract.")
+@click.option("--model", default=None,
+              help="Default: the only (or newest) cache of the data set; with --weights, the one made with them.")
+@click.option("--weights", default=None, help="default, none or a .pth path, as given to extract; without --model, "
+                                              "the one model whose cache of the data set was made with them.")
 @click.option("--layer", default="penultimate", show_default=True, help="A cached layer, `penultimate`, or `auto` (the sweep's choice).")
 @click.option("--solver", type=click.Choice(["auto", "torch", "sklearn"]), default="auto", show_default=True,
               help="torch: L-BFGS per C in memory, every C at once when streamed; sklearn: scikit-learn's exact fit per C, in memory; "
@@ -156,10 +166,8 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
     from .paths import find_cache
     from .train import train_head as train
 
-    if model and weights:
-        from .weights import weights_tag
-        weights = weights_tag(model, weights)
-    cache, which = find_cache(features_dir, dataset, model, weights)
+    cache, which = _cache_of_weights(features_dir, dataset, model, weights) if weights else \
+        find_cache(features_dir, dataset, model)
     if which:
         click.echo(which)
     if layer == "auto":
@@ -180,7 +188,8 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @click.option("--model", default="vgg16", show_default=True)
 @click.option("--weights", default="default", show_default=True, help="default, none or a .pth path.")
 @click.option("--head", type=HEAD, default="softmax", show_default=True)
-@click.option("--pooling", default="avg", show_default=True, help="For spatial layers: avg, max, avgmax or gridK.")
+@click.option("--pooling", default="avg", show_default=True, help="For spatial layers: avg, max, avgmax or gridK "
+                                                                  "(taps that are already vectors keep theirs).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
@@ -189,19 +198,21 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @_compile_option
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--quiet", is_flag=True)
+@_duplicates_option
 @_engine_options
 @_data_options
 def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, compiled, reports_dir,
-          quiet, engine, ray_address, ray_data, data_dir, features_dir):
+          quiet, drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     from .backbones import load_backbone
     from .datasets import load_dataset
-    from .extract import check_engine_options
+    from .extract import check_engine_options, duplicates_rule
     from .report import write_report
     from .sweep import run_sweep
 
     check_engine_options(engine, device, workers, decode, compiled)
-    table = load_dataset(dataset, data_dir)
+    table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
+                                                                            drop_duplicates))
     backbone = load_backbone(model, weights)
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
     results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
@@ -236,7 +247,8 @@ def report(features_dir, reports_dir, data_dir):
 @_compile_option
 @_engine_options
 def predict(head_file, inputs, out, weights, device, batch_size, compiled, engine, ray_address, ray_data):
-    """Classify image files or folders with the head's backbone; write path,label,score."""
+    """Classify image files or folders with the head's backbone; write path,label,score,skipped (an unreadable
+    file gets no label and its reason)."""
     from .extract import check_engine_options
     from .predict import predict_files
 
@@ -250,7 +262,7 @@ def predict(head_file, inputs, out, weights, device, batch_size, compiled, engin
 @click.argument("model")
 @click.option("--all", "all_nodes", is_flag=True, help="Also list every graph node.")
 def taps(model, all_nodes):
-    """List MODEL's named taps with their shapes and pooled sizes."""
+    """List MODEL's named taps with their graph node and output shape (--all: every graph node too)."""
     from .backbones import load_backbone
 
     backbone = load_backbone(model, "none")
@@ -270,7 +282,36 @@ def models(pattern):
 
     from .backbones import classification_models
 
-    click.echo("\n".join(m for m in classification_models() if fnmatch.fnmatch(m, pattern)))
+    found = [m for m in classification_models() if fnmatch.fnmatch(m, pattern)]
+    if not found:
+        raise click.ClickException(f"no torchvision classification model matches {pattern!r}; "
+                                   "`pipeline models` lists them all (wildcards: 'resnet*')")
+    click.echo("\n".join(found))
+
+
+def _cache_of_weights(features_dir, dataset, model, weights):
+    """The cache of `model` made with `weights` -> (path, note); without `model`, that of the one model whose
+    cache of the data set was made with them (its tag in the file name: paths.cache_path)."""
+    from .backbones import classification_models
+    from .paths import cache_path
+    from .weights import weights_tag
+
+    folder = Path(features_dir) / dataset
+    there = sorted({p.name.removesuffix(".partial") for p in folder.glob("*.h5*")
+                    if p.name.endswith((".h5", ".h5.partial"))})
+    models = [model] if model else sorted({n.split("-", 1)[0] for n in there} & set(classification_models()))
+    tag = None if weights == "default" else weights_tag(model, weights)  # a file's sha256: read once
+    wanted = [cache_path(features_dir, dataset, m, tag or weights_tag(m, weights)) for m in models]
+    found = [path for path in wanted if path.name in there]  # a .partial one: the cache reader says how to resume
+    if len(found) == 1:
+        return found[0], "" if model else f"using {found[0]} (the cache made with WEIGHTS={weights})"
+    listing = f"caches there: {', '.join(there)}" if there else f"no caches in {folder}"
+    if found:
+        raise PipelineError(f"{len(found)} models have caches of {dataset} made with WEIGHTS={weights} "
+                            f"({', '.join(p.name for p in found)}); give MODEL= too")
+    what = f"{wanted[0]}: no such feature cache" if model else f"{folder}: no feature cache made with WEIGHTS={weights}"
+    raise PipelineError(f"{what} ({listing}); run `make extract DATASET={dataset} MODEL={model or '<model>'} "
+                        f"WEIGHTS={weights}` first")
 
 
 def _split(text):

@@ -33,10 +33,25 @@ from .errors import PipelineError
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
-from .store import H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, read_partial_settings
+from .store import H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, read_cache_settings, read_partial_settings
+from .weights import weights_tag
 
-__all__ = ["ENGINES", "ExtractResult", "LocalEngine", "check_engine_options", "extract_features", "library_versions",
-           "open_engine"]
+__all__ = ["ENGINES", "ExtractResult", "LocalEngine", "check_engine_options", "duplicates_rule", "extract_features",
+           "library_versions", "open_engine"]
+
+
+def duplicates_rule(features_dir, dataset, model, weights, drop_duplicates=None):
+    """Whether to leave duplicates out: as asked (True/False), else as the cache of (dataset, model,
+    weights) was made (a new cache keeps them). A cache made with them dropped stays so without the
+    option given again; a change of rule is an update (plan.py)."""
+    if drop_duplicates is not None:
+        return drop_duplicates
+    try:
+        path = cache_path(features_dir, dataset, model, weights_tag(model, weights))
+    except (PipelineError, ValueError, KeyError):  # no such model or file: load_backbone says so, in one line
+        return False
+    settings = read_cache_settings(path) if path.exists() else None
+    return (settings or {}).get("duplicates") == "dropped"
 
 
 @dataclass
@@ -81,7 +96,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         pairs = runner.codes(table, backbone, plan.layers, plan.todo[start:], precision, batch_size,
                              draft_size(backbone.transform) if jpeg_draft else None)
         writer = writer or _create_writer(path, table, backbone, plan)
-        _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
+        failed = _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
         seconds = time.perf_counter() - t0
         rows = len(plan.todo) - start
         rate = rows / seconds if seconds > 0 else 0.0
@@ -91,7 +106,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
                        "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
-    message = (f"{plan.note}{status} {rows} images -> {path} ({', '.join(plan.settings['layers'])}; "
+    message = (f"{plan.note}{status} {rows - failed} images -> {path} ({', '.join(plan.settings['layers'])}; "
                f"{precision} on {where}, {rate:.1f} images/s){found and chr(10) + found}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
 
@@ -187,12 +202,14 @@ def library_versions():
 
 def _write_all(pairs, writer, progress, desc):
     """Stream (batch, codes) into the partial cache; the disk write of one batch overlaps the next
-    forward pass, and at most one batch waits for the disk (write errors surface here)."""
+    forward pass, and at most one batch waits for the disk (write errors surface here). -> the number
+    of images that could not be decoded (skipped)."""
     bar = tqdm(total=len(writer.todo), initial=writer.n_done, unit="img", disable=not progress, desc=desc,
                dynamic_ncols=True)
-    pending = None
+    pending, failed = None, 0
     with ThreadPoolExecutor(max_workers=1) as disk:
         for batch, codes in pairs:
+            failed += sum(map(bool, batch.failures))
             if pending is not None:
                 pending.result()
             pending = disk.submit(writer.append, batch, codes)
@@ -200,3 +217,4 @@ def _write_all(pairs, writer, progress, desc):
         if pending is not None:
             pending.result()
     bar.close()
+    return failed

@@ -61,7 +61,8 @@ def plan_extraction(path, table, layers, settings, resolve, update=False, rebuil
         return fresh(layers, f"{path} was made with other {', '.join(changed)}; rebuilding it (the old file stays until done); ")
     with FeatureCache(path) as old:
         change = DataChange.between(old, table)
-        if not update:
+        rule = "duplicates" in changed  # asked for explicitly (extract.duplicates_rule): an update, no more
+        if not update and not rule:
             raise StaleCacheError(
                 f"{path}: the data set changed since this cache was made ({change}); run again with --update "
                 "(make extract UPDATE=1) to extract only new and changed images and keep the rest, "
@@ -71,7 +72,12 @@ def plan_extraction(path, table, layers, settings, resolve, update=False, rebuil
         split = np.asarray(table.split).copy()
         split[change.kept_rows] = old.split[change.kept_from]  # old images keep their split: no leak into test
         return Plan(union, {**settings, "layers": have}, np.setdiff1d(np.arange(len(table)), change.kept_rows),
-                    Reuse.from_cache(old, change.kept_rows, change.kept_from), split, f"updating {path}: {change}; ")
+                    Reuse.from_cache(old, change.kept_rows, change.kept_from), split,
+                    f"updating {path}{_rule_note(table) if rule else ''}: {change}; ")
+
+
+def _rule_note(table):
+    return " to drop duplicates" if table.drop_duplicates else " to keep duplicates"
 
 
 @dataclass

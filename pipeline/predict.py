@@ -27,6 +27,9 @@ def backbone_for(head, weights=None):
     info = head.provenance
     if weights is None:
         weights = {"file": info.get("weights_source"), "random": "none"}.get(info["weights"], "default")
+        if info["weights"] == "file" and not Path(weights or "").is_file():
+            raise WeightsError(f"the head was trained on codes of weights file {weights}, which is not there; "
+                               "pass WEIGHTS=<its new path> (make predict) or --weights <its new path>")
     backbone = load_backbone(info["model"], weights)
     expected = info.get("weights_sha256") or info["weights"]
     actual = backbone.weights_sha256 or backbone.weights

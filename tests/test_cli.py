@@ -1,4 +1,10 @@
 """The CLI: thin commands, one-line errors that say what to do, never a traceback."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
 from conftest import image_folder, invoke, one_line_error, write_image
 
 DARK_LIGHT = {"dark": (30, 30, 30), "light": (230, 230, 230)}
@@ -17,6 +23,12 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     message = one_line_error(invoke("extract", "--dataset", "digits", "--model", "resnet18",
                                     "--weights", tmp_path / "missing.pth", "--data-dir", tmp_path))
     assert "missing.pth not found" in message
+    shapes(tmp_path)
+    message = one_line_error(invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
+                                    "--layers", "layer4:max,avgpool:max", "--data-dir", tmp_path / "data",
+                                    "--features-dir", tmp_path))
+    assert "layer 'avgpool:max': avgpool of resnet18 is a vector already" in message and "ask for avgpool" in message
+    assert not list(tmp_path.rglob("*.h5*"))  # refused before any work
     for command in (("extract", "--dataset", "nope"), ("sweep", "--dataset", "nope"), ("predict", "x.h5", "y")):
         message = one_line_error(invoke(*command, "--engine", "ray", "--device", "cuda"))  # before any loading
         assert "--device cuda is for the local engine" in message
@@ -36,6 +48,39 @@ def test_taps_and_models_list():
     out = invoke("taps", "resnet50").output
     assert "layer3" in out and "[1024, 14, 14]" in out and "penultimate" in out
     assert "resnet50" in invoke("models", "resnet*").output.split()
+    assert "no torchvision classification model matches 'zzz*'" in one_line_error(invoke("models", "zzz*"))
+    assert "pooled sizes" not in invoke("taps", "--help").output
+    assert "path,label,score,skipped" in invoke("predict", "--help").output
+
+
+def test_train_head_weights_alone_choose_the_cache_or_name_those_there(tmp_path):
+    for name in ("resnet18-random.h5", "mobilenet_v2-random.h5", "mobilenet_v2-IMAGENET1K_V1.h5"):
+        (tmp_path / "shapes").mkdir(exist_ok=True)
+        (tmp_path / "shapes" / name).write_bytes(b"")  # found by name only: never read
+    train = ("train-head", "--dataset", "shapes", "--features-dir", tmp_path)
+    message = one_line_error(invoke(*train, "--weights", "none"))
+    assert "2 models have caches of shapes made with WEIGHTS=none (mobilenet_v2-random.h5, resnet18-random.h5); " \
+           "give MODEL= too" in message
+    message = one_line_error(invoke(*train, "--weights", "default"))  # mobilenet_v2's default is IMAGENET1K_V2
+    assert "no feature cache made with WEIGHTS=default (caches there: mobilenet_v2-IMAGENET1K_V1.h5, " \
+           "mobilenet_v2-random.h5, resnet18-random.h5); run `make extract DATASET=shapes MODEL=<model> " \
+           "WEIGHTS=default` first" in message
+    message = one_line_error(invoke(*train, "--model", "resnet18", "--weights", "default"))
+    assert "resnet18-IMAGENET1K_V1.h5: no such feature cache" in message
+    assert "make extract DATASET=shapes MODEL=resnet18 WEIGHTS=default" in message
+    assert "moved.pth not found" in one_line_error(invoke(*train, "--weights", tmp_path / "moved.pth"))
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="no make")
+def test_make_forwards_weights_batch_and_pooling():
+    def command(*args):
+        run = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, check=True)
+        return run.stdout  # the commands make would run, not run
+    predict = command("predict", "HEAD_FILE=h.h5", "INPUTS=x", "WEIGHTS=/moved/w.pth", "BATCH=8")
+    assert "--weights /moved/w.pth" in predict and "--batch-size 8" in predict
+    assert "--weights" not in command("predict", "HEAD_FILE=h.h5", "INPUTS=x")
+    assert "--pooling max" in command("sweep", "POOLING=max") and "--pooling" not in command("sweep")
 
 
 def test_extract_train_report_predict(tmp_path):
@@ -58,6 +103,12 @@ def test_extract_train_report_predict(tmp_path):
     assert "is not a size" in invoke("train-head", "--memory-budget", "lots", *common).output
     other = invoke("train-head", "--dataset", "shapes", "--model", "resnet18", "--weights", "default", *common)
     assert "resnet18-IMAGENET1K_V1.h5: no such feature cache" in one_line_error(other)
+    newer = tmp_path / "features" / "shapes" / "mobilenet_v2-IMAGENET1K_V2.h5"
+    newer.write_bytes(b"")  # the newest cache, of other weights: WEIGHTS alone must not take it
+    chosen = invoke("train-head", "--dataset", "shapes", "--weights", "none", *common)
+    assert chosen.exit_code == 0 and "resnet18-random.avgpool.softmax.h5" in chosen.output, chosen.output
+    assert "(the cache made with WEIGHTS=none)" in chosen.output
+    newer.unlink()
     missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))
     assert "make sweep" in missing
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
@@ -78,7 +129,7 @@ def test_changed_data_stops_and_says_what_to_do(tmp_path):
     message = one_line_error(invoke(*extract))
     assert "2 new (first: train/dark/new.png)" in message and "--update" in message and "--rebuild" in message
     updated = invoke(*extract, "--update")
-    assert updated.exit_code == 0 and "updating" in updated.output and "updated 2 images" in updated.output
+    assert updated.exit_code == 0 and "updating" in updated.output and "updated 1 images" in updated.output
     assert "1 images skipped" in updated.output
     both = invoke(*extract, "--update", "--rebuild")
     assert both.exit_code == 2 and "exclude each other" in both.output

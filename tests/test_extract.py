@@ -9,7 +9,7 @@ from pipeline import backbones
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, IncompleteCacheError, StaleCacheError
-from pipeline.extract import extract_features
+from pipeline.extract import duplicates_rule, extract_features
 from pipeline.store import FeatureCache, PartialCache, extraction_lock, partial_path
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
@@ -82,6 +82,28 @@ def test_changed_data_is_never_served_from_the_old_cache(folder, backbone):
         assert len(cache.ids) == 33 and "train/red/new.png" in set(cache.ids)
 
 
+def test_the_duplicates_rule_stays_with_the_cache_and_a_change_of_it_is_an_update(folder, backbone):
+    """The toy folder's train/val/test images of one index are byte-identical: dropping them leaves 16 rows."""
+    features = folder.parent.parent / "features"
+    rule = lambda drop=None: duplicates_rule(features, folder.name, "mobilenet_v2", "none", drop)
+
+    def extract(drop):
+        table = load_dataset(folder.name, folder.parent, drop_duplicates=rule(drop))
+        return extract_features(table, backbone, ["penultimate"], features, precision="fp32", batch_size=5,
+                                num_workers=0, progress=False)
+    assert rule() is False  # no cache yet: kept
+    dropped = extract(True)
+    assert dropped.status == "extracted" and dropped.rows == 16 and rule() is True
+    assert extract(None).status == "hit"  # said no more: as the cache was made ("the data set changed" before)
+    kept = extract(False)  # said otherwise: the dropped images are computed, the rest copied
+    assert kept.status == "updated" and kept.rows == 16 and "to keep duplicates" in kept.message
+    assert extract(None).status == "hit" and rule() is False
+    again = extract(True)
+    assert again.status == "updated" and again.rows == 0 and "to drop duplicates" in again.message
+    with FeatureCache(again.path) as cache:
+        assert len(cache.ids) == 16
+
+
 def test_update_computes_only_new_and_changed_images(folder, backbone):
     first = run(folder, backbone)
     old, old_split = codes_by_id(first.path)
@@ -134,7 +156,7 @@ def test_bad_files_are_skipped_and_no_label_moves(folder, backbone):
     (folder / "train" / "blue" / "notes.png").write_text("not an image")
     (folder / "val" / "red" / "cut.png").write_bytes((folder / "val" / "red" / "0.png").read_bytes()[:60])
     result = run(folder, backbone)
-    assert "3 images skipped" in result.message
+    assert "3 images skipped" in result.message and "extracted 32 images" in result.message  # not 35
     with FeatureCache(result.path) as cache:
         skipped = dict(cache.skipped)
         assert set(skipped) == {"train/red/empty.png", "train/blue/notes.png", "val/red/cut.png"}

@@ -83,3 +83,13 @@ def test_predict_refuses_a_head_on_codes_of_a_model_built_otherwise(tmp_path):
         backbone_for(SimpleNamespace(provenance=made))
     made_now = SimpleNamespace(provenance={**made, "model_args": "transform_input=True"})
     assert backbone_for(made_now).model.transform_input
+
+
+def test_predict_says_where_the_weights_path_it_wants_came_from(tmp_path):
+    """A head's weights file, moved since: the path is the head's provenance, not anything the user typed."""
+    from types import SimpleNamespace
+    made = {"model": "resnet18", "weights": "file", "weights_sha256": "ab" * 32,
+            "weights_source": str(tmp_path / "w.pth")}
+    with pytest.raises(WeightsError, match=r"the head was trained on codes of weights file .*w\.pth, which is not "
+                                           r"there; pass WEIGHTS=<its new path>"):
+        backbone_for(SimpleNamespace(provenance=made))
