@@ -134,12 +134,28 @@ class CachedLayer:
             return
         wanted = np.isin(self.split, splits)
         with FeatureCache(self.path) as cache:
-            for rows, X in cache.shuffled_blocks(self.layer, rng, self.block_bytes):
+            piece, per_block = cache.pieces(self.layer, self.block_bytes)
+            rows = np.flatnonzero(wanted)
+            pieces, first = np.unique(rows // piece, return_index=True)  # pieces with wanted rows, read only those
+            order = spread_by_class(self.labels[rows[first]], rng)
+            for lo in range(0, len(order), per_block):
+                rows, X = cache.read_pieces(self.layer, pieces[order[lo:lo + per_block]] * piece, piece)
                 keep = wanted[rows]
-                rows, X, order = rows[keep], scaler.in_place(X[keep]), rng.permutation(int(keep.sum()))
-                for lo in range(0, len(rows), batch_size):
-                    take = order[lo:lo + batch_size]
+                rows, X, mix = rows[keep], scaler.in_place(X[keep]), rng.permutation(int(keep.sum()))
+                for at in range(0, len(rows), batch_size):
+                    take = mix[at:at + batch_size]
                     yield X[take], self.labels[rows[take]]
+
+
+def spread_by_class(labels, rng):
+    """A random order of pieces (`labels`: each piece's first wanted row's class) in which each class's pieces are
+    spread evenly (a class's k-th of m pieces near (k + u) / m of the way): a class-sorted cache's blocks
+    then hold every class in proportion, not a few classes each (its pieces are each of one class)."""
+    position = np.empty(len(labels))
+    for label in np.unique(labels):
+        mine = np.flatnonzero(labels == label)
+        position[rng.permutation(mine)] = (np.arange(len(mine)) + rng.random(len(mine))) / len(mine)
+    return np.argsort(position, kind="stable")
 
 
 def resolve_layer(cache, layer):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.layer_codes import CachedLayer, Scaler
+from pipeline.layer_codes import CachedLayer, Scaler, spread_by_class
 from test_train import FIVE, make_cache
 from test_heads import blobs
 
@@ -86,7 +86,16 @@ def test_a_class_sorted_cache_streams_mixed(tmp_path):
     layer = CachedLayer(path, "fc7", memory_budget=0)
     layer.block_bytes = 60 * 3 * 4  # 60 rows a block: one class, when read in row order
     batches = list(layer.batches(("train",), Scaler(np.zeros(3), np.ones(3)), 60, seed=0))
-    assert all(len(np.unique(labels)) >= 5 for _, labels in batches)
+    assert all(len(np.unique(labels)) == 10 for _, labels in batches)  # every class in every block
     rows, labels = np.concatenate([x[:, 0] for x, _ in batches]).astype(int), np.concatenate([c for _, c in batches])
     np.testing.assert_array_equal(np.sort(rows), np.arange(len(y)))  # every row once
     np.testing.assert_array_equal(labels, y[rows])                   # each with its own label
+
+
+def test_spread_by_class_gives_each_stretch_of_the_order_every_class():
+    labels = np.repeat(np.arange(7), 5)  # 7 classes of 5 pieces each, in class order
+    order = spread_by_class(labels, np.random.default_rng(0))
+    assert sorted(order) == list(range(35))
+    for lo in range(0, 35, 7):  # the k-th pieces of all the classes come k-th
+        assert sorted(labels[order[lo:lo + 7]]) == list(range(7))
+    assert not np.array_equal(order, spread_by_class(labels, np.random.default_rng(1)))

@@ -26,7 +26,7 @@ from ..errors import CacheError, IncompleteCacheError
 
 CACHE_FORMAT = "pipeline-features/2"
 TEXT = h5py.string_dtype("utf-8")
-_CHUNK_BYTES = 512 * 1024  # h5py advises chunks of 10 KiB - 1 MiB
+_CHUNK_BYTES = 128 * 1024  # h5py advises 10 KiB - 1 MiB; small chunks mix a class-sorted cache when streamed
 _COPY_ROWS = 8192  # rows per block when copying reused rows
 _BLOCK_BYTES = 64 * 2**20  # codes read at once when a layer is streamed
 _TEXT_ROWS = 65_536  # rows of a text column read at a time: no Python string per row is kept
@@ -208,24 +208,27 @@ class FeatureCache:
         for lo in range(0, ds.shape[0], step):
             yield lo, ds[lo:lo + step]
 
-    def shuffled_blocks(self, layer, rng, block_bytes=_BLOCK_BYTES):
-        """The codes of `layer` in blocks of pieces (whole chunks, or at least 16 pieces a block) drawn at
-        random from the whole layer -> (row indices, float32 [B, D]): every row once, and each block mixes
-        far parts of the file, so that a cache in class order (class folders) trains as if shuffled."""
+    def pieces(self, layer, block_bytes=_BLOCK_BYTES):
+        """(rows per piece, pieces per block of `block_bytes`) for reading `layer` at random: a piece is a
+        whole chunk (one read each), or smaller where a block would hold fewer than 16."""
+        ds = self.h5["layers"][layer]
+        step = max(1, block_bytes // (4 * max(ds.shape[1], 1)))
+        piece = min(ds.chunks[0] if ds.chunks else 1, max(1, step // 16))
+        return piece, max(1, step // piece)
+
+    def read_pieces(self, layer, starts, piece):
+        """The rows of the pieces that start at rows `starts` (each `piece` rows long, the last one shorter)
+        -> (row indices, float32 [B, D]), read in file order."""
         ds = self.h5["layers"][layer]
         n, d = ds.shape
-        step = max(1, block_bytes // (4 * max(d, 1)))
-        piece = min(ds.chunks[0] if ds.chunks else 1, max(1, step // 16))
-        starts = rng.permutation(np.arange(0, n, piece))
-        for first in range(0, len(starts), max(1, step // piece)):
-            group = np.sort(starts[first:first + max(1, step // piece)])  # forward through the file
-            rows = np.concatenate([np.arange(lo, min(lo + piece, n)) for lo in group])
-            X, at = np.empty((len(rows), d), dtype=np.float32), 0
-            for lo in group:
-                hi = min(lo + piece, n)
-                ds.read_direct(X, np.s_[lo:hi], np.s_[at:at + hi - lo])
-                at += hi - lo
-            yield rows, X
+        starts = np.sort(starts)
+        rows = np.concatenate([np.arange(lo, min(lo + piece, n)) for lo in starts])
+        X, at = np.empty((len(rows), d), dtype=np.float32), 0
+        for lo in starts:
+            hi = min(lo + piece, n)
+            ds.read_direct(X, np.s_[lo:hi], np.s_[at:at + hi - lo])
+            at += hi - lo
+        return rows, X
 
     def close(self):
         self.h5.close()
