@@ -166,8 +166,14 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
     from .paths import find_cache
     from .train import train_head as train
 
-    cache, which = _cache_of_weights(features_dir, dataset, model, weights) if weights else \
-        find_cache(features_dir, dataset, model)
+    if weights:
+        from .backbones import classification_models
+        from .paths import find_cache_made_with
+        from .weights import weights_tag
+        cache, which = find_cache_made_with(features_dir, dataset, model, weights,
+                                            lambda m: weights_tag(m, weights), classification_models())
+    else:
+        cache, which = find_cache(features_dir, dataset, model)
     if which:
         click.echo(which)
     if layer == "auto":
@@ -288,30 +294,6 @@ def models(pattern):
                                    "`pipeline models` lists them all (wildcards: 'resnet*')")
     click.echo("\n".join(found))
 
-
-def _cache_of_weights(features_dir, dataset, model, weights):
-    """The cache of `model` made with `weights` -> (path, note); without `model`, that of the one model whose
-    cache of the data set was made with them (its tag in the file name: paths.cache_path)."""
-    from .backbones import classification_models
-    from .paths import cache_path
-    from .weights import weights_tag
-
-    folder = Path(features_dir) / dataset
-    there = sorted({p.name.removesuffix(".partial") for p in folder.glob("*.h5*")
-                    if p.name.endswith((".h5", ".h5.partial"))})
-    models = [model] if model else sorted({n.split("-", 1)[0] for n in there} & set(classification_models()))
-    tag = None if weights == "default" else weights_tag(model, weights)  # a file's sha256: read once
-    wanted = [cache_path(features_dir, dataset, m, tag or weights_tag(m, weights)) for m in models]
-    found = [path for path in wanted if path.name in there]  # a .partial one: the cache reader says how to resume
-    if len(found) == 1:
-        return found[0], "" if model else f"using {found[0]} (the cache made with WEIGHTS={weights})"
-    listing = f"caches there: {', '.join(there)}" if there else f"no caches in {folder}"
-    if found:
-        raise PipelineError(f"{len(found)} models have caches of {dataset} made with WEIGHTS={weights} "
-                            f"({', '.join(p.name for p in found)}); give MODEL= too")
-    what = f"{wanted[0]}: no such feature cache" if model else f"{folder}: no feature cache made with WEIGHTS={weights}"
-    raise PipelineError(f"{what} ({listing}); run `make extract DATASET={dataset} MODEL={model or '<model>'} "
-                        f"WEIGHTS={weights}` first")
 
 
 def _split(text):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 
-__all__ = ["weights_tag", "cache_path", "find_cache", "head_paths", "sweep_record_path", "result_files",
+__all__ = ["weights_tag", "cache_path", "find_cache", "find_cache_made_with", "head_paths", "sweep_record_path", "result_files",
            "sweep_record_files"]
 
 
@@ -43,6 +43,28 @@ def find_cache(features_dir, dataset, model=None, tag=None):
     note = f"using {found[-1]}" + (f" (newest of {len(found)}; pass MODEL= and WEIGHTS= to choose)"
                                    if len(found) > 1 else "")
     return found[-1], note
+
+
+def find_cache_made_with(features_dir, dataset, model, weights, tag_of, models):
+    """The cache of `model` made with `weights` -> (path, note); without `model`, that of the one model of
+    `models` whose cache of the data set was made with them. `tag_of(model)`: the weights' tag for a model
+    (weights.weights_tag; asked once where it is the same for every model: a file's sha256 is read once)."""
+    folder = Path(features_dir) / dataset
+    there = sorted({p.name.removesuffix(".partial") for p in folder.glob("*.h5*")
+                    if p.name.endswith((".h5", ".h5.partial"))})
+    candidates = [model] if model else sorted({name.split("-", 1)[0] for name in there} & set(models))
+    tag = None if weights == "default" else tag_of(model)  # random, file-<sha>: one tag for every model
+    wanted = [cache_path(features_dir, dataset, m, tag or tag_of(m)) for m in candidates]
+    found = [path for path in wanted if path.name in there]  # a .partial one: the cache reader says how to resume
+    if len(found) == 1:
+        return found[0], "" if model else f"using {found[0]} (the cache made with WEIGHTS={weights})"
+    listing = f"caches there: {', '.join(there)}" if there else f"no caches in {folder}"
+    if found:
+        raise PipelineError(f"{len(found)} models have caches of {dataset} made with WEIGHTS={weights} "
+                            f"({', '.join(p.name for p in found)}); give MODEL= too")
+    what = f"{wanted[0]}: no such feature cache" if model else f"{folder}: no feature cache made with WEIGHTS={weights}"
+    raise PipelineError(f"{what} ({listing}); run `make extract DATASET={dataset} MODEL={model or '<model>'} "
+                        f"WEIGHTS={weights}` first")
 
 
 def head_paths(cache, layer, head, out_dir=None):
