@@ -20,6 +20,7 @@ is asserted.
 """
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,6 +258,7 @@ def table(rows):
 @click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 def main(sizes, caches, fashion, shared, class_order, heads, sklearn_limit, memory_budget, folder, reports_dir):
     """Every head's protocol on synthetic caches of each size (and real caches): seconds, RSS, accuracy."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # each head's process as `make train-head` runs it (cli)
     say = lambda text: click.echo(text, err=True)
     paths = [(synthetic_cache(folder, int(n), class_order=class_order), "penultimate", False)
              for n in sizes.split(",") if n]
