@@ -52,7 +52,8 @@ def resolve_precision(precision, device):
         native = {"bf16": native_cpu_bf16, "fp16": native_cpu_fp16, "fp32": lambda: True}[precision]
         if device.type == "cpu" and not native():
             warnings.warn(f"PRECISION={precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, without "
-                          f"{precision} instructions) is emulated, slower than fp32; use PRECISION=auto "
+                          f"{precision} instructions) is emulated, many times slower than fp32 (README: Make "
+                          f"targets); use PRECISION=auto "
                           f"({resolve_precision('auto', device)} here) unless the codes must match caches made in "
                           f"{precision}", PipelineWarning, stacklevel=2)
         return precision

@@ -36,7 +36,8 @@ def test_bf16_or_fp16_asked_for_on_a_cpu_without_its_instructions_is_kept_with_a
             assert resolve_precision(precision, cpu) == precision and not recwarn.list
         else:
             with pytest.warns(PipelineWarning, match=f"PRECISION={precision} on this CPU .*without {precision} "
-                                                     "instructions.* is emulated, slower than fp32; use PRECISION=auto "
+                                                     "instructions.* is emulated, many times slower than fp32 .*; "
+                                                     "use PRECISION=auto "
                                                      f"\\({'bf16' if bf16 else 'fp32'} here\\)"):
                 assert resolve_precision(precision, cpu) == precision
 
