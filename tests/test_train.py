@@ -113,3 +113,17 @@ def test_auto_takes_scikit_learn_for_small_softmax_heads_and_torch_otherwise(cac
     assert "torch" in train_head(cache, "fc7", "softmax")["solver"]
     with pytest.raises(PipelineError, match="unknown solver 'scipy'; use one of auto, torch, sklearn"):
         train_head(cache, "fc7", "softmax", solver="scipy")
+
+
+def test_a_class_test_lacks_is_not_scored_as_a_zero(tmp_path, recwarn):
+    X, y = blobs()
+    split = np.array(FIVE * (len(y) // 5))
+    split[(split == "test") & (y == 2)] = "val"  # no "emu" in test
+    path = make_cache(tmp_path / "toy" / "m-random.h5", X, y, split, ["cat", "dog", "emu"])
+    result = train_head(path, "fc7", "softmax", solver="torch")
+    from sklearn.metrics import f1_score
+    test = split == "test"
+    predicted = LinearHead(result["head_file"]).predict(X[test])
+    truth = np.array(["cat", "dog", "emu"])[y[test]]
+    assert result["test_macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert result["per_class"][2]["support"] == 0 and not [w for w in recwarn.list if "y_true" in str(w.message)]
