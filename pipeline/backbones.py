@@ -86,9 +86,9 @@ class Backbone:
         """Named taps of this model -> graph node (see module docstring)."""
         return named_taps(self.model, self.nodes())
 
-    def resolve(self, specs, default_pooling="avg", strict=False):
-        """["penultimate", "conv5:max", ...] -> [Layer], named as in the cache, in forward order. A pooling of a
-        tap that is already a vector is dropped (the sweep pools every tap alike); `strict`: refused instead."""
+    def resolve(self, specs, default_pooling="avg"):
+        """["penultimate", "conv5:max", ...] -> [Layer], named as in the cache, in forward order. A tap that is
+        already a vector takes no pooling: `default_pooling` passes it by, a pooling asked for is refused."""
         taps, nodes = self.taps(), self.nodes()
         wanted, explicit = {}, {}
         for spec in specs:
@@ -107,7 +107,7 @@ class Backbone:
         for (node, pooling), tap in sorted(wanted.items(), key=lambda kv: depth[kv[0][0]]):
             shape = shapes[node]  # (C, H, W), (T, C) or (D,)
             spatial = pooling != "none" and (len(shape) == 2 or (len(shape) == 3 and shape[1] * shape[2] > 1))
-            if strict and not spatial and (node, pooling) in explicit:
+            if not spatial and (node, pooling) in explicit:
                 raise ModelError(f"layer {explicit[node, pooling]!r}: {tap} of {self.name} is a vector already (output "
                                  f"{list(shape)}), so it takes no pooling; ask for {tap}, or pool a spatial tap "
                                  f"(`pipeline taps {self.name}` shows the shapes)")

@@ -128,7 +128,6 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
                                                                             drop_duplicates))
     backbone = load_backbone(model, weights)
-    backbone.resolve(_split(layers), strict=True)  # refuse a pooling of a vector tap (avgpool:max) before any work
     try:
         result = extract_features(table, backbone, _split(layers), features_dir, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=not quiet,
@@ -295,7 +294,6 @@ def models(pattern):
         raise click.ClickException(f"no torchvision classification model matches {pattern!r}; "
                                    "`pipeline models` lists them all (wildcards: 'resnet*')")
     click.echo("\n".join(found))
-
 
 
 def _threads_sleep_when_waiting():

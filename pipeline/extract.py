@@ -84,8 +84,9 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     precision = runner.precision(precision)
     path = cache_path(features_dir, table.name, backbone.name, backbone.weights_tag)
     key = cache_key(table, backbone, precision, jpeg_draft, decode)
+    layers = backbone.resolve(layer_specs)  # a bad layer is refused before any file is touched
     with extraction_lock(path):
-        plan = plan_extraction(path, table, backbone.resolve(layer_specs), key, backbone.resolve, update, rebuild)
+        plan = plan_extraction(path, table, layers, key, backbone.resolve, update, rebuild)
         if plan.todo is None:
             return ExtractResult(path, "hit", plan.settings["layers"], 0, 0.0, 0.0, plan.note)
         writer = _resume_writer(path, plan)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .errors import PipelineError
 
-__all__ = ["weights_tag", "cache_path", "find_cache", "find_cache_made_with", "head_paths", "sweep_record_path", "result_files",
-           "sweep_record_files"]
+__all__ = ["weights_tag", "cache_path", "find_cache", "find_cache_made_with", "head_paths", "sweep_record_path",
+           "result_files", "sweep_record_files"]
 
 
 def weights_tag(weights, sha256=""):
@@ -48,13 +48,12 @@ def find_cache(features_dir, dataset, model=None, tag=None):
 def find_cache_made_with(features_dir, dataset, model, weights, tag_of, models):
     """The cache of `model` made with `weights` -> (path, note); without `model`, that of the one model of
     `models` whose cache of the data set was made with them. `tag_of(model)`: the weights' tag for a model
-    (weights.weights_tag; asked once where it is the same for every model: a file's sha256 is read once)."""
+    (weights.weights_tag)."""
     folder = Path(features_dir) / dataset
     there = sorted({p.name.removesuffix(".partial") for p in folder.glob("*.h5*")
                     if p.name.endswith((".h5", ".h5.partial"))})
     candidates = [model] if model else sorted({name.split("-", 1)[0] for name in there} & set(models))
-    tag = None if weights == "default" else tag_of(model)  # random, file-<sha>: one tag for every model
-    wanted = [cache_path(features_dir, dataset, m, tag or tag_of(m)) for m in candidates]
+    wanted = [cache_path(features_dir, dataset, m, tag_of(m)) for m in candidates]
     found = [path for path in wanted if path.name in there]  # a .partial one: the cache reader says how to resume
     if len(found) == 1:
         return found[0], "" if model else f"using {found[0]} (the cache made with WEIGHTS={weights})"

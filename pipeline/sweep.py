@@ -21,7 +21,7 @@ CRITERION = "val_accuracy (ties: deeper layer); test never used to choose"
 def standard_layers(backbone, pooling="avg"):
     """Named taps from early to penultimate, as layer specs (the alias and VGG's spatial avgpool left out)."""
     taps = [t for t in backbone.taps() if t != "penultimate"]
-    layers = backbone.resolve([f"{t}:{pooling}" for t in taps] + ["penultimate"])
+    layers = backbone.resolve(taps + ["penultimate"], default_pooling=pooling)  # vector taps: none
     return [layer.name for layer in layers if not layer.name.startswith("avgpool:")]
 
 

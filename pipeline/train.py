@@ -101,8 +101,8 @@ def score_head(model, codes):
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         balanced = float(balanced_accuracy_score(y_true, y_pred))
     return {"test_accuracy": float(accuracy_score(y_true, y_pred)),
-            "test_balanced_accuracy": balanced,  # macro-F1: over the classes in test or predicted, not a 0 for the rest
-            "test_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "test_balanced_accuracy": balanced,
+            "test_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),  # test's or predicted
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
             "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                           for n, p, r, f, s in zip(names, precision, recall, f1, support)],

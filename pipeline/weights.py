@@ -9,6 +9,7 @@
 A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its sha256
 goes into the cache, so that other weights make another cache.
 """
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -179,6 +180,14 @@ def _load_state_dict(model, state, path, name):
 
 
 def _sha256(path):
+    """A file's sha256, read once per process while its size and mtime stay: the duplicates rule, the
+    backbone and the cache key all ask for it, and a large model's file takes a second to read."""
+    stat = Path(path).stat()
+    return _file_sha256(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path, size, mtime_ns):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

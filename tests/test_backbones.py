@@ -56,13 +56,13 @@ def test_unknown_tap_names_choices_and_command(vgg16):
         vgg16.resolve(["conv9"])
 
 
-def test_a_pooling_of_a_vector_tap_is_refused_when_asked_for_and_dropped_in_a_sweep(vgg16):
+def test_a_pooling_of_a_vector_tap_is_refused_when_asked_for_and_passed_by_as_the_default(vgg16):
     for spec in ("fc7:max", "penultimate:avg"):
         with pytest.raises(ModelError, match=rf"layer '{spec}': fc7 of vgg16 is a vector already \(output \[4096\]\), "
                                              "so it takes no pooling; ask for fc7"):
-            vgg16.resolve(["conv5:max", spec], strict=True)
-    assert [layer.name for layer in vgg16.resolve(["conv5:max", "fc7"], strict=True)] == ["conv5:max", "fc7"]
-    assert [layer.name for layer in vgg16.resolve(["conv5:max", "fc7:max"])] == ["conv5:max", "fc7"]  # the sweep's
+            vgg16.resolve(["conv5:max", spec])
+    assert [layer.name for layer in vgg16.resolve(["conv5:max", "fc7"])] == ["conv5:max", "fc7"]
+    assert [layer.name for layer in vgg16.resolve(["conv5", "fc7"], default_pooling="max")] == ["conv5:max", "fc7"]
 
 
 def test_unknown_pooling_and_model():

@@ -181,3 +181,16 @@ def test_a_vit_is_preprocessed_for_its_input_size_or_refused_with_the_sizes_ther
     assert _classic_transforms(ViT_H_14_Weights, SimpleNamespace(image_size=224)).crop_size == [224]  # not 518
     with pytest.raises(ModelError, match="no preprocessing for SimpleNamespace at 384 px .*take 224"):
         _classic_transforms(ViT_B_32_Weights, SimpleNamespace(image_size=384))
+
+
+def test_a_weights_file_is_hashed_once_while_it_stays_the_same(tmp_path, monkeypatch):
+    import hashlib
+    from pipeline import weights
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"first")
+    reads = []
+    monkeypatch.setattr(weights, "open", lambda *a, **k: reads.append(a[0]) or open(*a, **k), raising=False)
+    assert weights.file_sha256(path) == weights.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert len(reads) == 1  # the duplicates rule, the backbone and the cache key: one read
+    path.write_bytes(b"second, longer")  # rewritten: hashed again
+    assert weights.file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest() and len(reads) == 2
