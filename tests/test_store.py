@@ -193,6 +193,22 @@ def test_chunk_size_within_h5py_advice(tmp_path, dim):
     assert 10 * 1024 <= 4 * chunks[0] * dim <= 1024 * 1024
 
 
+@pytest.mark.parametrize("piece, middle", [(16, 16), (4, 20)])  # whole chunks (read as stored), or less
+def test_read_pieces_gives_the_rows_of_each_piece(tmp_path, piece, middle):
+    path, n, dim = tmp_path / "m.h5", 40, 2048  # chunks of 16 rows: 16, 16 and a last one of 8
+    values = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    writer = PartialCache.create(path, ids=[str(i) for i in range(n)], labels=[0] * n, split=["train"] * n,
+                                 class_names=["x"], layer_dims={"l": (dim, {})}, attrs={})
+    append(writer, {"l": values})
+    writer.finish({})
+    with FeatureCache(path) as cache:
+        assert cache.h5["layers"]["l"].chunks == (16, dim)
+        rows, X = cache.read_pieces("l", np.array([32, 0, middle]), piece)  # the last piece is short
+    expected = np.concatenate([np.arange(0, piece), np.arange(middle, middle + piece), np.arange(32, 32 + min(piece, 8))])
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(X, values[expected])
+
+
 # ---------------------------------------------------------------------------
 # The partial folder: interruption and resume
 
