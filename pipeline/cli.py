@@ -211,6 +211,7 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, compiled, reports_dir,
           quiet, drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
+    _threads_sleep_when_waiting()  # its heads run in this process, after the forward passes
     from .backbones import load_backbone
     from .datasets import load_dataset
     from .extract import check_engine_options, duplicates_rule
@@ -299,7 +300,8 @@ def models(pattern):
 def _threads_sleep_when_waiting():
     """A head runs many short parallel steps: torch's OpenMP threads spinning between them take the cores from
     any other process, so on a busy machine a head ran 3-30x slower (README: Stage two on a busy machine);
-    sleeping, 1.3-1.5x. Before torch is imported (libgomp reads it once); the user's own setting wins."""
+    sleeping, 1.3-1.5x. Before torch is imported (libgomp reads it once); the user's own setting wins.
+    Stage one alone keeps torch's default (sleeping cost its forward pass 2-7%)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

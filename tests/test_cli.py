@@ -1,4 +1,5 @@
 """The CLI: thin commands, one-line errors that say what to do, never a traceback."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,6 +43,20 @@ def test_pipeline_warnings_print_as_one_line_and_others_as_python_prints_them():
 
     assert _warning_line(PipelineWarning("slow here; use X"), PipelineWarning, "x.py", 3) == "warning: slow here; use X\n"
     assert "x.py:3: UserWarning: other" in _warning_line(UserWarning("other"), UserWarning, "x.py", 3)
+
+
+@pytest.mark.parametrize("command", ["train-head", "sweep"])
+def test_heads_threads_sleep_between_steps_unless_the_user_said(tmp_path, monkeypatch, command):
+    """Set before torch loads in a fresh process; here the variable itself is what is checked."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    invoke(command, "--dataset", "nope", "--data-dir", tmp_path, "--features-dir", tmp_path)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    invoke(command, "--dataset", "nope", "--data-dir", tmp_path, "--features-dir", tmp_path)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    invoke("extract", "--dataset", "nope", "--data-dir", tmp_path, "--features-dir", tmp_path)
+    assert "OMP_WAIT_POLICY" not in os.environ  # stage one keeps torch's default
 
 
 def test_taps_and_models_list():
