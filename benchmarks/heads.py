@@ -45,7 +45,7 @@ SEPARATION = 0.45          # class means' spread in the latent space: test accur
 BLOCK = 16_384             # rows generated and written at a time
 FASHION_SPLITS = {"train": 42_500, "val": 7_500, "test": 10_000}  # per 60,000, as the issue's cache
 SKLEARN_LIMIT = 300        # seconds: the scikit-learn path is stopped there
-ROWS_VERSION = "r3"        # in the file name: r2 rows carry path-like ids, sizes and hashes; r3 128 KiB chunks
+ROWS_VERSION = "r3"        # in the file name: r2 rows carry path-like ids, sizes and hashes; r3 16-row chunks
 
 
 def synthetic_cache(folder, n, d=DIM, k=CLASSES, seed=0, class_order=False):

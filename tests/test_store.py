@@ -178,11 +178,12 @@ def test_layers_are_chunked_and_not_resizable(tmp_path):
             assert ds.chunks is not None and ds.chunks[1] == d
 
 
-@pytest.mark.parametrize("dim", [1, 1280, 25088])
+@pytest.mark.parametrize("dim", [1, 64, 512, 1280, 25088])
 def test_chunk_size_within_h5py_advice(tmp_path, dim):
-    """A layer of at least 10 KiB (rows enough) is stored in chunks of 10 KiB to 1 MiB of whole rows."""
+    """A layer of at least 10 KiB (rows enough) is stored in chunks of 10 KiB to 1 MiB of whole rows, and of
+    at most 16 rows where 16 rows reach 10 KiB (a streamed class-sorted cache mixes by chunks)."""
     path = tmp_path / "m.h5"
-    n = -(-10 * 1024 // (4 * dim))
+    n = max(-(-10 * 1024 // (4 * dim)), 64)
     writer = PartialCache.create(path, ids=[str(i) for i in range(n)], labels=[0] * n, split=["train"] * n,
                                  class_names=["x"], layer_dims={"l": (dim, {})}, attrs={})
     append(writer, {"l": np.zeros((n, dim), np.float32)})
@@ -191,6 +192,7 @@ def test_chunk_size_within_h5py_advice(tmp_path, dim):
         chunks = h5["layers"]["l"].chunks
     assert chunks[1] == dim
     assert 10 * 1024 <= 4 * chunks[0] * dim <= 1024 * 1024
+    assert chunks[0] <= 16 or 4 * 16 * dim < 10 * 1024
 
 
 @pytest.mark.parametrize("piece, middle", [(16, 16), (4, 20)])  # whole chunks (read as stored), or less

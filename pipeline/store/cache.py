@@ -26,7 +26,8 @@ from ..errors import CacheError, IncompleteCacheError
 
 CACHE_FORMAT = "pipeline-features/2"
 TEXT = h5py.string_dtype("utf-8")
-_CHUNK_BYTES = 128 * 1024  # h5py advises 10 KiB - 1 MiB; small chunks mix a class-sorted cache when streamed
+_CHUNK_ROWS = 16  # rows a chunk: small chunks mix a class-sorted cache when streamed (README: Bounded memory) ...
+_CHUNK_BYTES = 10 * 1024, 128 * 1024  # ... within these bytes (h5py advises 10 KiB - 1 MiB)
 _COPY_ROWS = 8192  # rows per block when copying reused rows
 _BLOCK_BYTES = 64 * 2**20  # codes read at once when a layer is streamed
 _TEXT_ROWS = 65_536  # rows of a text column read at a time: no Python string per row is kept
@@ -85,13 +86,19 @@ def write_cache_file(path, columns, skipped, layer_dims, class_names, attrs, fil
         layers = h5.create_group("layers")
         n = len(columns["labels"])
         for name, (dim, layer_attrs) in layer_dims.items():
-            chunk = max(1, min(4096, n, _CHUNK_BYTES // (4 * dim)))  # rows; no larger than the data
+            chunk = max(1, min(n, chunk_rows(dim)))  # no larger than the data
             ds = layers.create_dataset(name, shape=(n, dim), dtype="float32", chunks=(chunk, dim) if n else None)
             ds.attrs.update({key: to_attr(value) for key, value in layer_attrs.items()})
         fill(layers)
         h5.attrs.update({key: to_attr(value) for key, value in attrs.items()})
         h5.attrs.update(format=CACHE_FORMAT, class_names=json.dumps(list(class_names)), n_rows=n,
                         n_skipped=len(skipped[0]), complete=True)
+
+
+def chunk_rows(dim):
+    """Rows a chunk of a layer of `dim` float32 codes holds: _CHUNK_ROWS, or as many as _CHUNK_BYTES allow."""
+    least, most = _CHUNK_BYTES
+    return max(1, -(-least // (4 * dim)), min(_CHUNK_ROWS, most // (4 * dim)))
 
 
 def write_rows(ds, where, values):
