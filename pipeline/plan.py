@@ -82,7 +82,9 @@ def _rule_note(table):
 
 @dataclass
 class DataChange:
-    """How a data set differs from the one a cache was made from, row by row (ids and stamps)."""
+    """How a data set differs from the one a cache was made from, row by row (ids and stamps). Where a
+    stamp is the content's hash (pixel rows, whose ids are row numbers), an image found at another id
+    has moved: a row inserted or deleted above it shifts its number, not its split or its codes."""
     new: list
     removed: list
     changed: list
@@ -90,33 +92,50 @@ class DataChange:
     retried: list           # skipped last time (unreadable ...), tried again
     kept_rows: np.ndarray   # table rows whose codes stay valid ...
     kept_from: np.ndarray   # ... and their rows in the cache
+    moved: list = ()        # ids (as now) of images the cache holds under another id
 
     @classmethod
     def between(cls, cache, table):
         ids, stamps, skipped = cache.ids, cache.stamps, {id_ for id_, _ in cache.skipped}
         index = {id_: k for k, id_ in enumerate(ids)}
-        new, changed, relabelled, retried, kept_rows, kept_from = [], [], [], [], [], []
+        kept = {row: index[id_] for row, id_ in enumerate(table.ids)
+                if id_ in index and stamps[index[id_]] == table.stamps[row]}
+        moved = _moved(stamps, table, kept) if table.pixels is not None else {}
+        new, changed, retried, elsewhere = [], [], [], set(moved.values())
         for row, id_ in enumerate(table.ids):
-            k = index.get(id_)
-            if k is None:
-                (retried if id_ in skipped else new).append(id_)
-            elif stamps[k] != table.stamps[row]:
-                changed.append(id_)
-            else:
-                kept_rows.append(row)
-                kept_from.append(k)
-                if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]:
-                    relabelled.append(id_)
-        listed = set(table.ids)
-        removed = [id_ for id_ in ids if id_ not in listed]
-        return cls(new, removed, changed, relabelled, retried, np.array(kept_rows, dtype=np.int64),
-                   np.array(kept_from, dtype=np.int64))
+            if row not in kept and row not in moved:  # changed: other content where an image stayed
+                stayed = id_ in index and index[id_] not in elsewhere
+                (changed if stayed else retried if id_ in skipped else new).append(id_)
+        found = {**kept, **moved}
+        kept_rows = np.array(sorted(found), dtype=np.int64)
+        kept_from = np.array([found[row] for row in kept_rows], dtype=np.int64)
+        relabelled = [table.ids[row] for row, k in zip(kept_rows, kept_from)
+                      if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]]
+        accounted = set(kept_from.tolist()) | {index[id_] for id_ in changed}  # the rest: no longer there
+        removed = [id_ for k, id_ in enumerate(ids) if k not in accounted]
+        return cls(new, removed, changed, relabelled, retried, kept_rows, kept_from,
+                   [table.ids[row] for row in sorted(moved)])
 
     def __str__(self):
         parts = [f"{len(ids)} {what} (first: {ids[0]})" for what, ids in
                  (("new", self.new), ("removed", self.removed), ("changed", self.changed),
-                  ("relabelled", self.relabelled), ("skipped before, to retry", self.retried)) if ids]
+                  ("moved to another row", self.moved), ("relabelled", self.relabelled),
+                  ("skipped before, to retry", self.retried)) if ids]
         return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
+
+
+def _moved(stamps, table, kept):
+    """{table row: cache row} for rows not `kept` whose content hash a cache row not kept has (one to one)."""
+    taken = set(kept.values())
+    free = {}
+    for k, stamp in enumerate(stamps):
+        if k not in taken:
+            free.setdefault(stamp, []).append(k)
+    moved = {}
+    for row, stamp in enumerate(table.stamps):
+        if row not in kept and free.get(stamp):
+            moved[row] = free[stamp].pop(0)
+    return moved
 
 
 def cache_key(table, backbone, precision, jpeg_draft=True, decode="cpu"):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_codes, image_folder, write_image
+from test_layouts import balanced, csv_rows, make_pixel_set, write_csv
 from pipeline import backbones
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
@@ -126,6 +127,34 @@ def test_update_computes_only_new_and_changed_images(folder, backbone):
     for id_ in now:
         assert_same_codes(now[id_], fresh[id_])
     assert run(folder, backbone, update=True).status == "hit"
+
+
+@pytest.mark.parametrize("edit", ["delete", "insert"])
+def test_update_of_pixel_rows_follows_each_image_not_its_row_number(tmp_path, backbone, edit):
+    """A pixel CSV's ids are row numbers: deleting or inserting a row renumbers the rows below it, and each
+    image keeps its split and its codes (none moves from test to train), found by its content."""
+    root, _ = make_pixel_set(tmp_path / "data" / "px", balanced(15, [0, 1]))
+    first = run(root, backbone)
+    with FeatureCache(first.path) as cache:
+        before = {h: (s, c) for h, s, c in zip(cache.sha256, cache.split, cache.features("avgpool")[0])}
+    rows = csv_rows(root, "pixels.csv")
+    if edit == "delete":
+        del rows[3]
+    else:
+        rows.insert(2, ["1"] + ["7"] * 16)
+    write_csv(root / "pixels.csv", rows)
+    updated = run(root, backbone, update=True)
+    if edit == "delete":
+        assert updated.rows == 0 and "1 removed (first: 2)" in updated.message
+    else:
+        assert updated.rows == 1 and "1 new (first: 1)" in updated.message
+    assert "moved to another row" in updated.message and "changed" not in updated.message
+    with FeatureCache(updated.path) as cache:
+        after = {h: (s, c) for h, s, c in zip(cache.sha256, cache.split, cache.features("avgpool")[0])}
+    assert len(set(before) - set(after)) == (edit == "delete") and len(set(after) - set(before)) == (edit == "insert")
+    for h in set(before) & set(after):
+        assert after[h][0] == before[h][0]
+        np.testing.assert_array_equal(after[h][1], before[h][1])
 
 
 def test_relabelled_images_keep_their_codes(tmp_path, backbone):
