@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import load_backbone
-from .errors import WeightsError
+from .errors import PipelineError, WeightsError
 from .extract import open_engine
 from .heads import LinearHead
 from .plan import draft_size
@@ -72,14 +72,32 @@ def predict_files(head_file, inputs, out, weights=None, device="auto", batch_siz
     The score is the winner's probability, or for an svm head its margin over the runner-up."""
     head = LinearHead(head_file)
     files = ImageFiles(list_images(inputs))
-    X, failures = codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
-    score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
-    labels = head.predict(X)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "score", "skipped"])
-        for path, label, s, reason in zip(files.ids, labels, score, failures):
-            writer.writerow([path, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
+    out, partial = Path(out), _writable(Path(out))
+    try:
+        X, failures = codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
+        score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
+        labels = head.predict(X)
+        with open(partial, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "score", "skipped"])
+            for path, label, s, reason in zip(files.ids, labels, score, failures):
+                writer.writerow([path, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
+        partial.replace(out)  # whole, or the file that was there stays
+    finally:
+        partial.unlink(missing_ok=True)
     skipped = sum(1 for reason in failures if reason)
     return len(files) - skipped, skipped
+
+
+def _writable(out):
+    """The file the predictions are written to before they take `out`'s name, made (empty) before any work:
+    an `out` that cannot be written is said before the images are classified, not after."""
+    if out.is_dir():
+        raise PipelineError(f"OUT={out} is a folder; give a file to write, e.g. OUT={out / 'predictions.csv'}")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as e:
+        raise PipelineError(f"cannot write {out} ({e.strerror}); give OUT= a file in a folder you can write") from None
+    return partial

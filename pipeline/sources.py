@@ -73,12 +73,16 @@ def is_image_file(path):
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
+def _broken_link(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_symlink() and not path.exists()
+
+
 def list_images(inputs):
     """Files as given, folders searched recursively for images; sorted, no duplicates."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if is_image_file(p))
+            found += sorted(p for p in item.rglob("*") if is_image_file(p) or _broken_link(p))  # gets a reason
         elif item.is_file():
             found.append(item)
         else:

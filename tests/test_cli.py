@@ -159,9 +159,15 @@ def test_predict_lists_unreadable_files_with_the_reason(tmp_path):
     photos = tmp_path / "photos"
     write_image(photos / "a.png", color=(30, 30, 30))
     (photos / "b.png").write_bytes(b"")
+    (photos / "c.png").symlink_to(tmp_path / "gone.png")  # a broken link: a row with its reason too
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, photos, "--out", tmp_path / "p.csv", "--device", "cpu")
-    assert predicted.exit_code == 0 and "classified 1 images" in predicted.output and "1 unreadable" in predicted.output
+    assert predicted.exit_code == 0 and "classified 1 images" in predicted.output and "2 unreadable" in predicted.output
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "path,label,score,skipped"
     assert lines[2] == f"{photos / 'b.png'},,,empty file (0 bytes)"
+    assert lines[3].startswith(f"{photos / 'c.png'},,,") and len(lines) == 4
+    assert "is a folder; give a file to write" in one_line_error(invoke("predict", head, photos, "--out", tmp_path))
+    message = one_line_error(invoke("predict", head, photos, "--out", tmp_path / "p.csv" / "q.csv"))
+    assert message.startswith(f"Error: cannot write {tmp_path / 'p.csv' / 'q.csv'}")
+    assert (tmp_path / "p.csv").read_text().splitlines() == lines and not list(tmp_path.glob("*.partial"))
