@@ -159,13 +159,16 @@ def spread_by_class(labels, rng):
 
 
 def resolve_layer(cache, layer):
-    """A cache layer by exact name, `penultimate`, or a tap whose one pooled version is cached."""
+    """A cache layer by exact name, `penultimate`, or a bare spatial tap as extract names it: `tap:avg`."""
     if layer in cache.layers:
         return layer
     if layer == "penultimate" and cache.attrs.get("penultimate") in cache.layers:
         return cache.attrs["penultimate"]
+    if f"{layer}:avg" in cache.layers:
+        return f"{layer}:avg"
     pooled = [name for name in cache.layers if name.split(":")[0] == layer]
-    if len(pooled) == 1:
-        return pooled[0]
+    if pooled:
+        raise CacheError(f"{cache.path}: no layer {layer!r} (a tap alone means {layer}:avg); it has "
+                         f"{', '.join(pooled)}: give LAYER={pooled[0]}, or `make extract LAYERS={layer}` for {layer}:avg")
     raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} "
                      f"(extract it with `make extract LAYERS={layer}`)")

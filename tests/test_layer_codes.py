@@ -1,8 +1,11 @@
 """layer_codes.py: a streamed layer reads exactly as one held in memory; the budget decides which."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from pipeline.layer_codes import CachedLayer, Scaler, spread_by_class
+from pipeline.errors import CacheError
+from pipeline.layer_codes import CachedLayer, Scaler, resolve_layer, spread_by_class
 from test_train import FIVE, make_cache
 from test_heads import blobs
 
@@ -99,3 +102,13 @@ def test_spread_by_class_gives_each_stretch_of_the_order_every_class():
     for lo in range(0, 35, 7):  # the k-th pieces of all the classes come k-th
         assert sorted(labels[order[lo:lo + 7]]) == list(range(7))
     assert not np.array_equal(order, spread_by_class(labels, np.random.default_rng(1)))
+
+
+def test_a_tap_alone_means_its_avg_pooling_as_extract_names_it():
+    cache = SimpleNamespace(path="c.h5", attrs={"penultimate": "avgpool"}, layers=["avgpool", "layer3:avg", "layer2:max"])
+    assert resolve_layer(cache, "penultimate") == "avgpool" and resolve_layer(cache, "layer3") == "layer3:avg"
+    with pytest.raises(CacheError, match=r"no layer 'layer2' \(a tap alone means layer2:avg\); it has layer2:max: "
+                                         r"give LAYER=layer2:max"):
+        resolve_layer(cache, "layer2")
+    with pytest.raises(CacheError, match="no layer 'layer4'; it has avgpool, layer3:avg, layer2:max"):
+        resolve_layer(cache, "layer4")
