@@ -5,23 +5,25 @@
     print(table)   # the same runs as a fixed-width table, then any skipped files
 
 Reads only the result JSON that `train.train_head` writes next to each head
-(store.results.HeadResult) and the sweeps' records; nothing is unpickled and torch
-is never imported. The best run of a data set is the one with the highest
-*validation* accuracy among runs on trained weights (random weights are a floor, chosen
-only when there is nothing else; ties: a sweep's chosen layer, then the first in sort
-order); test accuracy is reported, never used to choose.
+(store.results.HeadResult), the sweeps' records and when each cache was made (a head
+whose cache was made again since is stale); nothing is unpickled and torch is never
+imported. The best run of a data set is the one with the highest *validation*
+accuracy among runs that are not stale, on trained weights (random weights are a
+floor, chosen only when there is nothing else; ties: a sweep's chosen layer, then the
+first in sort order); test accuracy is reported, never used to choose.
 Runs on random weights are labelled "random (untrained)" wherever weights show.
 """
 import html
 import json
 import math
 import re
+from datetime import datetime
 from pathlib import Path
 
 from .errors import PipelineError
 from .paths import result_files, sweep_record_files, weights_tag
 from .plots import plot_confusion, plot_depth, thumbnail_strip
-from .store import read_result, read_sweep_record
+from .store import read_cache_created, read_result, read_sweep_record
 
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
@@ -35,7 +37,7 @@ def collect_runs(features_dir):
     """Every usable result under FEATURES_DIR/*/heads/ -> (runs in sort order, warnings). A run is its
     HeadResult plus `result_file` and `chosen` (whether a sweep chose its layer)."""
     chosen = _sweep_choices(features_dir)
-    runs, warnings = [], []
+    runs, warnings, stale = [], [], {}
     for path in result_files(features_dir):
         try:
             result = read_result(path)
@@ -44,10 +46,30 @@ def collect_runs(features_dir):
             continue
         sweep = chosen.get((str(result.get("cache")), result["head"]))
         runs.append({**result, "result_file": str(path), **({"chosen": sweep == result["layer"]} if sweep else {})})
+        if _made_again_since(result, path):
+            runs[-1]["stale"] = True
+            stale.setdefault(str(result.get("cache")), []).append(f"{result['layer']} {result['head']}")
     if not runs:
         why = f" ({len(warnings)} unusable; {warnings[0][9:]})" if warnings else ""
         raise PipelineError(f"no trained heads under {features_dir}/*/heads{why}; run `make train-head` first")
+    warnings += [f"warning: {cache} was made again after these heads were trained on it: {', '.join(heads)}; "
+                 "they are marked stale and not chosen as best: train them again" for cache, heads in stale.items()]
     return sorted(runs, key=sort_key), warnings
+
+
+def _made_again_since(result, path):
+    """Whether the cache a head was trained on was made again after (updated, rebuilt): its numbers are of
+    other data. The cache is looked for beside the heads folder, then where the result says."""
+    name = Path(str(result.get("cache")))
+    made = read_cache_created(Path(path).parent.parent / name.name) or read_cache_created(name)
+    if made is None:
+        return False
+    if isinstance(result.get("cache_created"), str):
+        return made != result["cache_created"]
+    try:  # results written before the cache's time was recorded
+        return datetime.fromisoformat(made) > datetime.fromisoformat(str(result.get("created")))
+    except (TypeError, ValueError):
+        return False
 
 
 def _sweep_choices(features_dir):
@@ -81,7 +103,8 @@ def sort_key(run):
 def best_run(runs):
     """The run with the highest validation accuracy, on trained weights where there are any (a random-weights
     run's lucky val score on a few images is no model to show); ties go to a sweep's chosen layer, then the first."""
-    return max(runs, key=lambda run: (run["weights"] != "random", run["val_accuracy"], bool(run.get("chosen"))))
+    return max(runs, key=lambda run: (not run.get("stale"), run["weights"] != "random", run["val_accuracy"],
+                                      bool(run.get("chosen"))))
 
 
 def depth_groups(runs):
@@ -96,8 +119,7 @@ def write_runs_json(path, runs):
     rows = []
     for run in runs:
         row = {key: run.get(key) for key in RUN_FIELDS}
-        if "chosen" in run:
-            row["chosen"] = run["chosen"]
+        row.update({key: run[key] for key in ("chosen", "stale") if key in run})
         rows.append(row)
     Path(path).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return Path(path)
@@ -105,7 +127,8 @@ def write_runs_json(path, runs):
 
 def _cells(run):
     """One run as the table's cells (COLUMNS), as text."""
-    return [run["dataset"], run["model"], weights_label(run), run["layer"], run["head"], str(run["dim"]),
+    return [run["dataset"], run["model"], weights_label(run), run["layer"],
+            run["head"] + (" (stale)" if run.get("stale") else ""), str(run["dim"]),
             str(run["n_train"]), str(run["n_val"]), str(run["n_test"]), f"{run['C']:.3g}",
             f"{run['val_accuracy']:.4f}", f"{run['test_accuracy']:.4f}", f"{run['test_balanced_accuracy']:.4f}",
             f"{run['test_macro_f1']:.4f}", "yes" if run.get("chosen") is True else "", _number(run.get("seconds"), ".1f"),

@@ -107,8 +107,10 @@ def test_extract_train_report_predict(tmp_path):
     again = invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
                    "--quiet", *common)
     assert "nothing to do" in again.output
-    trained = invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2", *common)
+    trained = invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2:max", *common)
     assert trained.exit_code == 0 and "svm on layer2:max" in trained.output
+    bare = one_line_error(invoke("train-head", "--head", "svm", "--dataset", "shapes", "--layer", "layer2", *common))
+    assert "(a tap alone means layer2:avg); it has layer2:max: give LAYER=layer2:max" in bare
     named = invoke("train-head", "--head", "softmax", "--dataset", "shapes", "--model", "resnet18", "--weights", "none",
                    "--memory-budget", "1K", *common)
     assert named.exit_code == 0 and "resnet18-random.avgpool.softmax.h5" in named.output
@@ -127,8 +129,12 @@ def test_extract_train_report_predict(tmp_path):
     missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))
     assert "make sweep" in missing
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
-    assert report.exit_code == 0 and "random (untrained)" in report.output
+    assert report.exit_code == 0 and "random (untrained)" in report.output and "(stale)" not in report.output
     assert (tmp_path / "reports" / "runs.json").exists()
+    invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
+           "--workers", "0", "--quiet", "--rebuild", *common)  # other splits could be drawn: its heads are stale
+    report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
+    assert report.output.count("(stale)") == 2 and "was made again after these heads" in report.output
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6

@@ -284,6 +284,16 @@ def _explain_missing(path):
     raise CacheError(f"{path}: no such feature cache; run `make extract` first")
 
 
+def read_cache_created(path):
+    """When a finished cache was made (its `created` attribute), or None if it is not there or unreadable."""
+    try:
+        with h5py.File(path, "r") as h5:
+            created = h5.attrs.get("created") if h5.attrs.get("format") == CACHE_FORMAT else None
+            return created if isinstance(created, str) else None
+    except OSError:
+        return None
+
+
 def read_cache_settings(path):
     """The settings a finished cache was made with, or None if it is unreadable or of another format."""
     try:

@@ -28,6 +28,7 @@ class _Provenance(TypedDict, total=False):
     solver: str            # what trained the head, in words
     select_rows: int       # train rows C was chosen on (fewer than n_train: a stratified subsample)
     streamed: bool         # the layer was read from disk in blocks, not held in memory
+    cache_created: str     # the cache's `created` when the head was trained: made again since -> stale
     select_seconds: float
     fit_seconds: float
     test_seconds: float
