@@ -5,8 +5,8 @@
     print(table)   # the same runs as a fixed-width table, then any skipped files
 
 Reads only the result JSON that `train.train_head` writes next to each head
-(store.results.HeadResult), the sweeps' records and when each cache was made (a head
-whose cache was made again since is stale); nothing is unpickled and torch is never
+(store.results.HeadResult), the sweeps' records and each cache's identity (a head
+whose cache was made again of other data or codes is stale); nothing is unpickled and torch is never
 imported. The best run of a data set is the one with the highest *validation*
 accuracy among runs that are not stale, on trained weights (random weights are a
 floor, chosen only when there is nothing else; ties: a sweep's chosen layer, then the
@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import PipelineError
 from .paths import result_files, sweep_record_files, weights_tag
 from .plots import plot_confusion, plot_depth, thumbnail_strip
-from .store import read_cache_created, read_result, read_sweep_record
+from .store import read_cache_identity, read_result, read_sweep_record
 
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
@@ -52,22 +52,25 @@ def collect_runs(features_dir):
     if not runs:
         why = f" ({len(warnings)} unusable; {warnings[0][9:]})" if warnings else ""
         raise PipelineError(f"no trained heads under {features_dir}/*/heads{why}; run `make train-head` first")
-    warnings += [f"warning: {cache} was made again after these heads were trained on it: {', '.join(heads)}; "
+    warnings += [f"warning: {cache} was made again, of other data or codes, after these heads were trained on it: "
+                 f"{', '.join(heads)}; "
                  "they are marked stale and not chosen as best: train them again" for cache, heads in stale.items()]
     return sorted(runs, key=sort_key), warnings
 
 
 def _made_again_since(result, path):
-    """Whether the cache a head was trained on was made again after (updated, rebuilt): its numbers are of
-    other data. The cache is looked for beside the heads folder, then where the result says."""
+    """Whether the cache a head was trained on was made again after, of other data, splits or codes (an update, a
+    rebuild with other settings): its numbers are of something else. The cache is looked for beside the heads
+    folder, then where the result says; results written before `cache_key` are compared by date."""
     name = Path(str(result.get("cache")))
-    made = read_cache_created(Path(path).parent.parent / name.name) or read_cache_created(name)
-    if made is None:
+    found = read_cache_identity(Path(path).parent.parent / name.name) or read_cache_identity(name)
+    if found is None:
         return False
-    if isinstance(result.get("cache_created"), str):
-        return made != result["cache_created"]
-    try:  # results written before the cache's time was recorded
-        return datetime.fromisoformat(made) > datetime.fromisoformat(str(result.get("created")))
+    created, key = found
+    if isinstance(result.get("cache_key"), str):
+        return key != result["cache_key"]
+    try:
+        return datetime.fromisoformat(created) > datetime.fromisoformat(str(result.get("created")))
     except (TypeError, ValueError):
         return False
 

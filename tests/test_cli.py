@@ -131,10 +131,15 @@ def test_extract_train_report_predict(tmp_path):
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
     assert report.exit_code == 0 and "random (untrained)" in report.output and "(stale)" not in report.output
     assert (tmp_path / "reports" / "runs.json").exists()
-    invoke("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
-           "--workers", "0", "--quiet", "--rebuild", *common)  # other splits could be drawn: its heads are stale
+    extract = ("extract", "--dataset", "shapes", "--model", "resnet18", "--weights", "none", "--precision", "fp32",
+               "--workers", "0", "--quiet", *common)
+    invoke(*extract, "--rebuild")  # the same data and codes: its heads stand
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
-    assert report.output.count("(stale)") == 2 and "was made again after these heads" in report.output
+    assert report.exit_code == 0 and "(stale)" not in report.output
+    write_image(data / "train" / "dark" / "extra.png", color=(20, 20, 20))
+    invoke(*extract, "--update")  # one image more: its heads scored another data set
+    report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
+    assert report.output.count("(stale)") == 2 and "was made again, of other data or codes" in report.output
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6

@@ -242,19 +242,21 @@ def test_the_table_says_how_long_a_head_took_and_what_C_was_chosen_on():
 
 
 def test_heads_of_a_cache_made_again_since_are_marked_stale_and_not_chosen(tmp_path):
-    """Results say when their cache was made (older ones: when they were written); a cache made again since
-    (updated, rebuilt) holds other data, so their numbers are marked, warned about and never shown as best."""
-    from test_store import build_cache
+    """Results name their cache's data and codes (older ones: when they were written); a cache made again of
+    other ones (an update, ...) makes their numbers another data set's: marked, warned about, never best."""
+    from pipeline.store import codes_key
+    from test_store import SETTINGS, build_cache
     features = tmp_path / "features"
     write_features(features, tmp_path / "data")
     build_cache(features / "toys" / "resnet18-IMAGENET1K_V1.h5", finish_attrs={"created": "2026-01-02T00:00:00+00:00"})
     kept = features / "toys" / "heads" / "resnet18-IMAGENET1K_V1.avgpool.svm.json"
-    kept.write_text(json.dumps({**json.loads(kept.read_text()), "cache_created": "2026-01-02T00:00:00+00:00"}))
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "cache_key": codes_key(SETTINGS)}))  # same codes
     runs, warnings = collect_runs(features)
     stale = {(r["weights"], r["layer"], r["head"]) for r in runs if r.get("stale")}
     assert stale == {("IMAGENET1K_V1", layer, "softmax") for layer in ("layer2:avg", "layer3:avg", "avgpool")}
     assert [w for w in warnings if "made again" in w] == [
-        "warning: features/toys/resnet18-IMAGENET1K_V1.h5 was made again after these heads were trained on it: "
+        "warning: features/toys/resnet18-IMAGENET1K_V1.h5 was made again, of other data or codes, after these heads "
+        "were trained on it: "
         "avgpool softmax, layer2:avg softmax, layer3:avg softmax; they are marked stale and not chosen as best: "
         "train them again"]
     assert best_run([r for r in runs if r["dataset"] == "toys"])["head"] == "svm"  # val 0.88, not layer3's 0.90

@@ -16,6 +16,7 @@ A file is written whole under a temporary name and renamed (see partial.py), and
 carries `complete`: a file under the final name is always finished. Structured
 attributes are JSON text, parsed as data only.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -284,12 +285,20 @@ def _explain_missing(path):
     raise CacheError(f"{path}: no such feature cache; run `make extract` first")
 
 
-def read_cache_created(path):
-    """When a finished cache was made (its `created` attribute), or None if it is not there or unreadable."""
+def codes_key(settings):
+    """A digest of a cache key without its layers: equal for caches of the same data, splits and codes."""
+    rest = {k: v for k, v in settings.items() if k != "layers"} if isinstance(settings, dict) else settings
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def read_cache_identity(path):
+    """(when a finished cache was made, codes_key of its settings), or None if it is not there or unreadable."""
     try:
         with h5py.File(path, "r") as h5:
-            created = h5.attrs.get("created") if h5.attrs.get("format") == CACHE_FORMAT else None
-            return created if isinstance(created, str) else None
+            if h5.attrs.get("format") != CACHE_FORMAT:
+                return None
+            created = from_attr(h5.attrs.get("created", ""))
+            return str(created), codes_key(from_attr(h5.attrs.get("settings", "{}")))
     except OSError:
         return None
 

@@ -28,7 +28,7 @@ class _Provenance(TypedDict, total=False):
     solver: str            # what trained the head, in words
     select_rows: int       # train rows C was chosen on (fewer than n_train: a stratified subsample)
     streamed: bool         # the layer was read from disk in blocks, not held in memory
-    cache_created: str     # the cache's `created` when the head was trained: made again since -> stale
+    cache_key: str         # store.codes_key of the cache it was trained on: another one there now -> stale
     select_seconds: float
     fit_seconds: float
     test_seconds: float
