@@ -318,6 +318,9 @@ def _raise_at_bad_pixel_line(csv_path, header, header_line):
                 number = _number(value)
                 if number is None or not math.isfinite(number):
                     name = header[c].strip() if header[c].strip().isprintable() else ""
+                    if name.lower() in ("y", "label"):
+                        raise DataError(f"{csv_path}:{line}: label {value.strip()[:40]!r} is not a class number; a "
+                                        "pixel CSV's labels are numbers (0, 1, ...): number the classes")
                     raise DataError(f"{csv_path}:{line}: value {value.strip()[:40]!r} in column {name or c + 1} "
                                     f"is not {'a' if number is None else 'a finite'} number; fix that line")
 

@@ -351,6 +351,13 @@ def test_error_pixel_csv_non_numeric_value(tmp_path):
         load_dataset("px", tmp_path)
 
 
+def test_error_pixel_csv_text_label_says_labels_are_class_numbers(tmp_path):
+    write_pixel_csv(tmp_path / "px", "label", 16, bad=(2, 0, "boot"))  # the label column, data row 2: file line 3
+    with pytest.raises(DataError, match=line_with("p.csv:3: label 'boot' is not a class number; a pixel CSV's labels "
+                                                  "are numbers (0, 1, ...): number the classes")):
+        load_dataset("px", tmp_path)
+
+
 def test_error_pixel_csv_short_row_names_its_file_line(tmp_path):
     path = write_pixel_csv(tmp_path / "px", "y", 16, rows=80)
     with open(path, "a") as f:
