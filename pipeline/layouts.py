@@ -337,7 +337,6 @@ def _number(text):
 
 def read_digits():
     from sklearn.datasets import load_digits
-
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
     labels = digits.target.astype(np.int64)
