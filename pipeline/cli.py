@@ -228,7 +228,8 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
                                            progress=not quiet, engine=engine, ray_address=ray_address,
                                            ray_data=ray_data, decode=decode, compiled=compiled)
     again = f"DATASET={dataset} MODEL={model}" + ("" if weights == "default" else f" WEIGHTS={weights}")
-    click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head {again} LAYER=auto HEAD={head}` uses it)")
+    click.echo(f"{extracted.message}\nchosen on val: {chosen} "
+               f"(`make train-head {again} LAYER=auto HEAD={head}` uses it)")
     write_report(features_dir, reports_dir, data_dir)
     click.echo(f"report: {reports_dir / 'index.html'}")
 

@@ -169,6 +169,7 @@ def resolve_layer(cache, layer):
     pooled = [name for name in cache.layers if name.split(":")[0] == layer]
     if pooled:
         raise CacheError(f"{cache.path}: no layer {layer!r} (a tap alone means {layer}:avg); it has "
-                         f"{', '.join(pooled)}: give LAYER={pooled[0]}, or `make extract LAYERS={layer}` for {layer}:avg")
+                         f"{', '.join(pooled)}: give LAYER={pooled[0]}, "
+                         f"or `make extract LAYERS={layer}` for {layer}:avg")
     raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} "
                      f"(extract it with `make extract LAYERS={layer}`)")

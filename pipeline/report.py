@@ -6,8 +6,8 @@
 
 Reads only the result JSON that `train.train_head` writes next to each head
 (store.results.HeadResult), the sweeps' records and each cache's identity (a head
-whose cache was made again of other data or codes is stale); nothing is unpickled and torch is never
-imported. The best run of a data set is the one with the highest *validation*
+whose cache was made again of other data or codes is stale); nothing is unpickled
+and torch is never imported. The best run of a data set is the one with the highest *validation*
 accuracy among runs that are not stale, on trained weights (random weights are a
 floor, chosen only when there is nothing else; ties: a sweep's chosen layer, then the
 first in sort order); test accuracy is reported, never used to choose.
@@ -53,8 +53,8 @@ def collect_runs(features_dir):
         why = f" ({len(warnings)} unusable; {warnings[0][9:]})" if warnings else ""
         raise PipelineError(f"no trained heads under {features_dir}/*/heads{why}; run `make train-head` first")
     warnings += [f"warning: {cache} was made again, of other data or codes, after these heads were trained on it: "
-                 f"{', '.join(heads)}; "
-                 "they are marked stale and not chosen as best: train them again" for cache, heads in stale.items()]
+                 f"{', '.join(heads)}; they are marked stale and not chosen as best: train them again"
+                 for cache, heads in stale.items()]
     return sorted(runs, key=sort_key), warnings
 
 

@@ -136,7 +136,8 @@ def record(codes, head, fitted, scores, out_dir=None):
         "fit_seconds": round(fitted.fit_seconds, 3),
         "seconds": round(fitted.select_seconds + fitted.fit_seconds + scores["test_seconds"], 3),
         "data_checks": codes.checks,
-        "cache": codes.path, "cache_key": codes_key(attrs.get("settings", {})), "head_file": str(head_file), "extract_images_per_s": attrs.get("images_per_s"),
+        "cache": codes.path, "cache_key": codes_key(attrs.get("settings", {})),  # the data and codes it scored
+        "head_file": str(head_file), "extract_images_per_s": attrs.get("images_per_s"),
         "created": datetime.now(timezone.utc).isoformat()}
     write_json(result_file, result)
     return result

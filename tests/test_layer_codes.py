@@ -105,7 +105,8 @@ def test_spread_by_class_gives_each_stretch_of_the_order_every_class():
 
 
 def test_a_tap_alone_means_its_avg_pooling_as_extract_names_it():
-    cache = SimpleNamespace(path="c.h5", attrs={"penultimate": "avgpool"}, layers=["avgpool", "layer3:avg", "layer2:max"])
+    cache = SimpleNamespace(path="c.h5", attrs={"penultimate": "avgpool"},
+                            layers=["avgpool", "layer3:avg", "layer2:max"])
     assert resolve_layer(cache, "penultimate") == "avgpool" and resolve_layer(cache, "layer3") == "layer3:avg"
     with pytest.raises(CacheError, match=r"no layer 'layer2' \(a tap alone means layer2:avg\); it has layer2:max: "
                                          r"give LAYER=layer2:max"):

@@ -206,7 +206,8 @@ def test_read_pieces_gives_the_rows_of_each_piece(tmp_path, piece, middle):
     with FeatureCache(path) as cache:
         assert cache.h5["layers"]["l"].chunks == (16, dim)
         rows, X = cache.read_pieces("l", np.array([32, 0, middle]), piece)  # the last piece is short
-    expected = np.concatenate([np.arange(0, piece), np.arange(middle, middle + piece), np.arange(32, 32 + min(piece, 8))])
+    expected = np.concatenate([np.arange(0, piece), np.arange(middle, middle + piece),
+                               np.arange(32, 32 + min(piece, 8))])
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_array_equal(X, values[expected])
 

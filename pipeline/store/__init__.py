@@ -19,6 +19,6 @@ from .partial import (PartialCache, Reuse, extraction_lock, partial_path, partia
 H5PY_VERSION = h5py.__version__
 
 __all__ = ["CACHE_FORMAT", "HEAD_FORMAT", "H5PY_VERSION", "HEADS", "FeatureCache", "HeadResult", "PartialCache",
-           "Reuse", "SweepRecord", "read_result", "read_sweep_record", "write_json",
-           "codes_key", "extraction_lock", "partial_path", "partial_progress", "read_cache_identity", "read_cache_settings", "read_head",
-           "read_partial_settings", "remove_partial", "write_head"]
+           "Reuse", "SweepRecord", "read_result", "read_sweep_record", "write_json", "codes_key",
+           "extraction_lock", "partial_path", "partial_progress", "read_cache_identity", "read_cache_settings",
+           "read_head", "read_partial_settings", "remove_partial", "write_head"]
