@@ -135,9 +135,9 @@ class CachedLayer:
         wanted = np.isin(self.split, splits)
         with FeatureCache(self.path) as cache:
             piece, per_block = cache.pieces(self.layer, self.block_bytes)
-            rows = np.flatnonzero(wanted)
-            pieces, first = np.unique(rows // piece, return_index=True)  # pieces with wanted rows, read only those
-            order = spread_by_class(self.labels[rows[first]], rng)
+            fitting = np.flatnonzero(wanted)
+            pieces, first = np.unique(fitting // piece, return_index=True)  # pieces with wanted rows, read only those
+            order = spread_by_class(self.labels[fitting[first]], rng)
             for lo in range(0, len(order), per_block):
                 rows, X = cache.read_pieces(self.layer, pieces[order[lo:lo + per_block]] * piece, piece)
                 keep = wanted[rows]

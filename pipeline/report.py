@@ -13,6 +13,7 @@ floor, chosen only when there is nothing else; ties: a sweep's chosen layer, the
 first in sort order); test accuracy is reported, never used to choose.
 Runs on random weights are labelled "random (untrained)" wherever weights show.
 """
+import functools
 import html
 import json
 import math
@@ -36,7 +37,7 @@ CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
 def collect_runs(features_dir):
     """Every usable result under FEATURES_DIR/*/heads/ -> (runs in sort order, warnings). A run is its
     HeadResult plus `result_file` and `chosen` (whether a sweep chose its layer)."""
-    chosen = _sweep_choices(features_dir)
+    chosen, identity = _sweep_choices(features_dir), functools.lru_cache(maxsize=None)(read_cache_identity)
     runs, warnings, stale = [], [], {}
     for path in result_files(features_dir):
         try:
@@ -46,7 +47,7 @@ def collect_runs(features_dir):
             continue
         sweep = chosen.get((str(result.get("cache")), result["head"]))
         runs.append({**result, "result_file": str(path), **({"chosen": sweep == result["layer"]} if sweep else {})})
-        if _made_again_since(result, path):
+        if _made_again_since(result, path, identity):
             runs[-1]["stale"] = True
             stale.setdefault(str(result.get("cache")), []).append(f"{result['layer']} {result['head']}")
     if not runs:
@@ -58,12 +59,13 @@ def collect_runs(features_dir):
     return sorted(runs, key=sort_key), warnings
 
 
-def _made_again_since(result, path):
+def _made_again_since(result, path, identity):
     """Whether the cache a head was trained on was made again after, of other data, splits or codes (an update, a
     rebuild with other settings): its numbers are of something else. The cache is looked for beside the heads
-    folder, then where the result says; results written before `cache_key` are compared by date."""
+    folder, then where the result says; results written before `cache_key` are compared by date.
+    `identity`: store.read_cache_identity, read once per cache."""
     name = Path(str(result.get("cache")))
-    found = read_cache_identity(Path(path).parent.parent / name.name) or read_cache_identity(name)
+    found = identity(Path(path).parent.parent / name.name) or identity(name)
     if found is None:
         return False
     created, key = found

@@ -99,7 +99,7 @@ def write_cache_file(path, columns, skipped, layer_dims, class_names, attrs, fil
 def chunk_rows(dim):
     """Rows a chunk of a layer of `dim` float32 codes holds: _CHUNK_ROWS, or as many as _CHUNK_BYTES allow."""
     least, most = _CHUNK_BYTES
-    return max(1, -(-least // (4 * dim)), min(_CHUNK_ROWS, most // (4 * dim)))
+    return max(-(-least // (4 * dim)), min(_CHUNK_ROWS, most // (4 * dim)))
 
 
 def write_rows(ds, where, values):
@@ -293,22 +293,23 @@ def codes_key(settings):
 
 def read_cache_identity(path):
     """(when a finished cache was made, codes_key of its settings), or None if it is not there or unreadable."""
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != CACHE_FORMAT:
-                return None
-            created = from_attr(h5.attrs.get("created", ""))
-            return str(created), codes_key(from_attr(h5.attrs.get("settings", "{}")))
-    except OSError:
-        return None
+    found = _finished_attrs(path, "created", "settings")
+    return None if found is None else (str(found[0]), codes_key(found[1]))
 
 
 def read_cache_settings(path):
     """The settings a finished cache was made with, or None if it is unreadable or of another format."""
+    found = _finished_attrs(path, "settings")
+    return None if found is None else found[0]
+
+
+def _finished_attrs(path, *keys):
+    """The parsed attributes `keys` of a finished cache, or None if it is unreadable, of another format or
+    lacks one."""
     try:
         with h5py.File(path, "r") as h5:
             if h5.attrs.get("format") != CACHE_FORMAT:
                 return None
-            return from_attr(h5.attrs["settings"])
+            return [from_attr(h5.attrs[key]) for key in keys]
     except (OSError, KeyError):
         return None
