@@ -50,6 +50,7 @@ class ImageTable:
     skipped: list = field(default_factory=list)  # (id, reason) of listed rows left out before extraction
     stamps: list = field(default_factory=list)   # per row: "size:mtime_ns" of its file, or sha256 of its pixels
     drop_duplicates: bool = False                # rows with the same content as another were left out
+    own_splits: tuple = ("train",)               # the splits the data set gives (folders, files); the rest drawn
 
     def __len__(self):
         return len(self.ids)
@@ -124,8 +125,9 @@ def _make_table(name, layout, root, listing, seed, drop_duplicates):
     labels, class_names = _classes(listing.raw)
     split, how = draw_splits(labels, seed, given=listing.given, class_names=class_names)
     fingerprint = _fingerprint(listing, drop_duplicates)
+    own = tuple(sorted(set(listing.given))) if listing.given is not None else ("train",)
     return ImageTable(name, layout, root, listing.ids, labels, class_names, split, how, fingerprint,
-                      listing.pixels, listing.skipped, listing.stamps, drop_duplicates)
+                      listing.pixels, listing.skipped, listing.stamps, drop_duplicates, own)
 
 
 def _fingerprint(listing, drop_duplicates):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .datasets import content_sha256
 from .errors import StaleCacheError
 from .images import DRAFT_FACTOR
 from .store import FeatureCache, Reuse, read_cache_settings, read_partial_settings, remove_partial
@@ -70,10 +71,17 @@ def plan_extraction(path, table, layers, settings, resolve, update=False, rebuil
         if more:
             return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")
         split = np.asarray(table.split).copy()
-        split[change.kept_rows] = old.split[change.kept_from]  # old images keep their split: no leak into test
+        split[change.kept_rows] = _kept_split(split[change.kept_rows], old.split[change.kept_from], table.own_splits)
         return Plan(union, {**settings, "layers": have}, np.setdiff1d(np.arange(len(table)), change.kept_rows),
                     Reuse.from_cache(old, change.kept_rows, change.kept_from), split,
                     f"updating {path}{_rule_note(table) if rule else ''}: {change}; ")
+
+
+def _kept_split(now, before, own):
+    """The split of images the cache holds: the one they had (a new draw could move a train image into
+    test), unless the data set's own val or test folders (or files) moved them, into or out of one."""
+    given = [name for name in own if name != "train"]
+    return np.where(np.isin(now, given) | np.isin(before, given), now, before)
 
 
 def _rule_note(table):
@@ -82,9 +90,10 @@ def _rule_note(table):
 
 @dataclass
 class DataChange:
-    """How a data set differs from the one a cache was made from, row by row (ids and stamps). Where a
-    stamp is the content's hash (pixel rows, whose ids are row numbers), an image found at another id
-    has moved: a row inserted or deleted above it shifts its number, not its split or its codes."""
+    """How a data set differs from the one a cache was made from, row by row (ids and stamps). An image
+    found by its content at another id has moved: a renamed or moved file, or a pixel row renumbered by
+    a row inserted or deleted above it; it keeps its codes and its split. A file whose stamp (size and
+    time) changed but not its bytes is touched, and kept too."""
     new: list
     removed: list
     changed: list
@@ -93,6 +102,8 @@ class DataChange:
     kept_rows: np.ndarray   # table rows whose codes stay valid ...
     kept_from: np.ndarray   # ... and their rows in the cache
     moved: list = ()        # ids (as now) of images the cache holds under another id
+    touched: list = ()      # ids of files with a new stamp and the same bytes
+    moved_as: str = "moved to another row"
 
     @classmethod
     def between(cls, cache, table):
@@ -100,42 +111,57 @@ class DataChange:
         index = {id_: k for k, id_ in enumerate(ids)}
         kept = {row: index[id_] for row, id_ in enumerate(table.ids)
                 if id_ in index and stamps[index[id_]] == table.stamps[row]}
-        moved = _moved(stamps, table, kept) if table.pixels is not None else {}
-        new, changed, retried, elsewhere = [], [], [], set(moved.values())
+        found = _same_content(cache, stamps, table, kept)
+        touched = {row for row, k in found.items() if ids[k] == table.ids[row]}
+        new, changed, retried, elsewhere = [], [], [], set(found.values())
         for row, id_ in enumerate(table.ids):
-            if row not in kept and row not in moved:  # changed: other content where an image stayed
+            if row not in kept and row not in found:  # changed: other content where an image stayed
                 stayed = id_ in index and index[id_] not in elsewhere
                 (changed if stayed else retried if id_ in skipped else new).append(id_)
-        found = {**kept, **moved}
+        found.update(kept)
         kept_rows = np.array(sorted(found), dtype=np.int64)
         kept_from = np.array([found[row] for row in kept_rows], dtype=np.int64)
         relabelled = [table.ids[row] for row, k in zip(kept_rows, kept_from)
                       if cache.class_names[cache.labels[k]] != table.class_names[table.labels[row]]]
         accounted = set(kept_from.tolist()) | {index[id_] for id_ in changed}  # the rest: no longer there
         removed = [id_ for k, id_ in enumerate(ids) if k not in accounted]
-        return cls(new, removed, changed, relabelled, retried, kept_rows, kept_from,
-                   [table.ids[row] for row in sorted(moved)])
+        moved = [table.ids[row] for row in kept_rows if row not in kept and row not in touched]
+        return cls(new, removed, changed, relabelled, retried, kept_rows, kept_from, moved,
+                   [table.ids[row] for row in sorted(touched)],
+                   "moved to another row" if table.pixels is not None else "moved or renamed")
 
     def __str__(self):
         parts = [f"{len(ids)} {what} (first: {ids[0]})" for what, ids in
                  (("new", self.new), ("removed", self.removed), ("changed", self.changed),
-                  ("moved to another row", self.moved), ("relabelled", self.relabelled),
-                  ("skipped before, to retry", self.retried)) if ids]
+                  (self.moved_as, self.moved), ("touched, the same bytes", self.touched),
+                  ("relabelled", self.relabelled), ("skipped before, to retry", self.retried)) if ids]
         return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
 
 
-def _moved(stamps, table, kept):
-    """{table row: cache row} for rows not `kept` whose content hash a cache row not kept has (one to one)."""
+def _same_content(cache, stamps, table, kept):
+    """{table row: cache row}, one to one, for rows not `kept` whose content a cache row not kept has.
+    A pixel row's stamp is its content's hash. A file's stamp is its size and time, so only files of a
+    size that such a cache row had are read here, and their sha256 compared with the cache's."""
     taken = set(kept.values())
-    free = {}
-    for k, stamp in enumerate(stamps):
-        if k not in taken:
-            free.setdefault(stamp, []).append(k)
-    moved = {}
-    for row, stamp in enumerate(table.stamps):
-        if row not in kept and free.get(stamp):
-            moved[row] = free[stamp].pop(0)
-    return moved
+    free = [k for k in range(len(stamps)) if k not in taken]
+    rows = [row for row in range(len(table)) if row not in kept]
+    if table.pixels is not None:
+        theirs, ours = [stamps[k] for k in free], [table.stamps[row] for row in rows]
+    else:
+        sizes = {_size(stamps[k]) for k in free}
+        rows = [row for row in rows if _size(table.stamps[row]) in sizes]
+        if not rows:
+            return {}
+        theirs = cache.sha256[free] if len(free) > 1000 else cache.sha256_of(free)
+        ours = content_sha256(table.root, [table.ids[row] for row in rows])
+    by_content = {}
+    for k, content in zip(free, theirs):
+        by_content.setdefault(content, []).append(k)
+    return {row: by_content[content].pop(0) for row, content in zip(rows, ours) if content and by_content.get(content)}
+
+
+def _size(stamp):
+    return stamp.split(":")[0]
 
 
 def cache_key(table, backbone, precision, jpeg_draft=True, decode="cpu"):

@@ -1,5 +1,7 @@
 """Stage one: the cache it writes, cache hits, stale caches, resume, and that every
 execution path (precision, batch size, workers) gives the same codes."""
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -127,6 +129,50 @@ def test_update_computes_only_new_and_changed_images(folder, backbone):
     for id_ in now:
         assert_same_codes(now[id_], fresh[id_])
     assert run(folder, backbone, update=True).status == "hit"
+
+
+def test_update_follows_moved_renamed_and_touched_files_by_their_bytes(folder, backbone):
+    """Nothing is computed for a renamed file, one moved to another class (relabelled) or out of the data
+    set's own test folder (it takes its new split), or one touched (new time, same bytes)."""
+    first = run(folder, backbone)
+    old, old_split = codes_by_id(first.path)
+    moves = {"train/red/2.png": "train/red/renamed.png", "train/blue/3.png": "train/red/was_blue.png",
+             "test/red/1.png": "train/red/from_test.png"}
+    for before, after in moves.items():
+        (folder / before).rename(folder / after)
+    os.utime(folder / "val/blue/0.png", ns=(1, 1))
+    with pytest.raises(StaleCacheError, match="3 moved or renamed .*1 touched, the same bytes .*1 relabelled"):
+        run(folder, backbone)
+    updated = run(folder, backbone, update=True)
+    assert updated.status == "updated" and updated.rows == 0
+    assert "new" not in updated.message and "removed" not in updated.message and "changed" not in updated.message
+    now, now_split = codes_by_id(updated.path)
+    assert set(now) == set(old) - set(moves) | set(moves.values())
+    for before, after in [*moves.items(), ("val/blue/0.png", "val/blue/0.png")]:
+        np.testing.assert_array_equal(now[after], old[before])
+    assert now_split["train/red/renamed.png"] == "train" and now_split["train/red/from_test.png"] == "train"
+    with FeatureCache(updated.path) as cache:
+        labels = dict(zip(cache.ids, (cache.class_names[k] for k in cache.labels)))
+    assert labels["train/red/was_blue.png"] == "red"
+    assert run(folder, backbone, update=True).status == "hit"
+
+
+def test_a_renamed_file_keeps_its_drawn_split(tmp_path, backbone):
+    """Where the split is drawn, a renamed image keeps the split it had: a new draw could put a train image
+    into test."""
+    root = tmp_path / "data" / "drawn"
+    for name, color in COLORS.items():
+        for i in range(10):
+            write_image(root / name / f"{i}.png", size=(30 + i, 30), color=color)
+    first = run(root, backbone)
+    _, old_split = codes_by_id(first.path)
+    renamed = {id_: id_.replace(".png", "-renamed.png") for id_, split in old_split.items() if split != "train"}
+    for before, after in renamed.items():
+        (root / before).rename(root / after)
+    updated = run(root, backbone, update=True)
+    assert updated.rows == 0 and f"{len(renamed)} moved or renamed" in updated.message
+    _, now_split = codes_by_id(updated.path)
+    assert all(now_split[after] == old_split[before] for before, after in renamed.items())
 
 
 @pytest.mark.parametrize("edit", ["delete", "insert"])
