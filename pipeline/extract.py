@@ -108,7 +108,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
     message = (f"{plan.note}{status} {rows - failed} images -> {path} ({', '.join(plan.settings['layers'])}; "
-               f"{precision} on {where}, {rate:.1f} images/s){found and chr(10) + found}")
+               f"{precision} on {where}{f', {rate:.1f} images/s' if rows else ''}){found and chr(10) + found}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
 
 

@@ -145,7 +145,7 @@ def test_update_follows_moved_renamed_and_touched_files_by_their_bytes(folder, b
         run(folder, backbone)
     updated = run(folder, backbone, update=True)
     assert updated.status == "updated" and updated.rows == 0
-    assert "new" not in updated.message and "removed" not in updated.message and "changed" not in updated.message
+    assert not any(word in updated.message for word in ("new", "removed", "changed", "images/s"))  # no rate of 0
     now, now_split = codes_by_id(updated.path)
     assert set(now) == set(old) - set(moves) | set(moves.values())
     for before, after in [*moves.items(), ("val/blue/0.png", "val/blue/0.png")]:
