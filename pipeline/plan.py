@@ -111,7 +111,7 @@ class DataChange:
         index = {id_: k for k, id_ in enumerate(ids)}
         kept = {row: index[id_] for row, id_ in enumerate(table.ids)
                 if id_ in index and stamps[index[id_]] == table.stamps[row]}
-        found = _same_content(cache, stamps, table, kept)
+        found = _same_content(cache, stamps, table, index, kept)
         touched = {row for row, k in found.items() if ids[k] == table.ids[row]}
         new, changed, retried, elsewhere = [], [], [], set(found.values())
         for row, id_ in enumerate(table.ids):
@@ -138,8 +138,9 @@ class DataChange:
         return ", ".join(parts) or "the same images, other listing rules (skipped rows or splits)"
 
 
-def _same_content(cache, stamps, table, kept):
-    """{table row: cache row}, one to one, for rows not `kept` whose content a cache row not kept has.
+def _same_content(cache, stamps, table, index, kept):
+    """{table row: cache row}, one to one, for rows not `kept` whose content a cache row not kept has;
+    an image still at its id (touched) keeps its own row before any other takes it (a copy of it).
     A pixel row's stamp is its content's hash. A file's stamp is its size and time, so only files of a
     size that such a cache row had are read here, and their sha256 compared with the cache's."""
     taken = set(kept.values())
@@ -154,10 +155,17 @@ def _same_content(cache, stamps, table, kept):
             return {}
         theirs = cache.sha256[free] if len(free) > 1000 else cache.sha256_of(free)
         ours = content_sha256(table.root, [table.ids[row] for row in rows])
-    by_content = {}
-    for k, content in zip(free, theirs):
-        by_content.setdefault(content, []).append(k)
-    return {row: by_content[content].pop(0) for row, content in zip(rows, ours) if content and by_content.get(content)}
+    content_of = dict(zip(free, theirs))
+    found = {row: index[table.ids[row]] for row, content in zip(rows, ours)
+             if content and content_of.get(index.get(table.ids[row])) == content}
+    by_content, used = {}, set(found.values())
+    for k in free:
+        if k not in used:
+            by_content.setdefault(content_of[k], []).append(k)
+    for row, content in zip(rows, ours):
+        if row not in found and content and by_content.get(content):
+            found[row] = by_content[content].pop(0)
+    return found
 
 
 def _size(stamp):

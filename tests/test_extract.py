@@ -175,6 +175,25 @@ def test_a_renamed_file_keeps_its_drawn_split(tmp_path, backbone):
     assert all(now_split[after] == old_split[before] for before, after in renamed.items())
 
 
+def test_a_touched_file_keeps_its_row_before_a_new_copy_of_it(tmp_path, backbone):
+    """A touched image and a new copy of it listed first: the image keeps its row and split, the copy is new."""
+    root = tmp_path / "data" / "drawn"
+    for i in range(10):
+        write_image(root / "red" / f"{i}.png", size=(30 + i, 30), color=COLORS["red"])
+        write_image(root / "blue" / f"{i}.png", size=(30 + i, 30), color=COLORS["blue"])
+    old, old_split = codes_by_id(run(root, backbone).path)
+    original = next(id_ for id_, split in old_split.items() if split == "test")
+    copy = original.replace(".png", "-copy.png")  # sorts before the original
+    os.utime(root / original, ns=(1, 1))
+    (root / copy).write_bytes((root / original).read_bytes())
+    updated = run(root, backbone, update=True)
+    assert updated.rows == 1 and f"1 new (first: {copy})" in updated.message
+    assert f"1 touched, the same bytes (first: {original})" in updated.message and "moved" not in updated.message
+    now, now_split = codes_by_id(updated.path)
+    assert now_split[original] == "test"
+    np.testing.assert_array_equal(now[original], old[original])
+
+
 @pytest.mark.parametrize("edit", ["delete", "insert"])
 def test_update_of_pixel_rows_follows_each_image_not_its_row_number(tmp_path, backbone, edit):
     """A pixel CSV's ids are row numbers: deleting or inserting a row renumbers the rows below it, and each
