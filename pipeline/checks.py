@@ -51,13 +51,22 @@ def summary(checks):
     """One line for the terminal, or "" when there is nothing to say."""
     parts = []
     if checks["n_skipped"]:
-        parts.append(f"{checks['n_skipped']} images skipped")
-    if checks["n_groups_across_splits"]:
-        parts.append(f"{checks['n_eval_images_seen_in_train']} val/test images are byte-identical to train images "
-                     f"({checks['n_groups_across_splits']} duplicate groups span splits)")
-    if checks["n_groups_conflicting_labels"]:
-        parts.append(f"{checks['n_groups_conflicting_labels']} duplicate groups have conflicting labels")
+        parts.append(f"{count(checks['n_skipped'], 'image')} skipped")
+    groups, seen = checks["n_groups_across_splits"], checks["n_eval_images_seen_in_train"]
+    if groups:
+        span = f"{count(groups, 'duplicate group')} {'spans' if groups == 1 else 'span'} splits"
+        parts.append(f"{count(seen, 'val/test image')} {'is' if seen == 1 else 'are'} byte-identical to train "
+                     f"images ({span})" if seen else f"val and test share byte-identical images ({span})")
+    conflicting = checks["n_groups_conflicting_labels"]
+    if conflicting:
+        parts.append(f"{count(conflicting, 'duplicate group')} {'has' if conflicting == 1 else 'have'} "
+                     "conflicting labels")
     return "; ".join(parts)
+
+
+def count(n, noun):
+    """'1 image', '2 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def note(checks):

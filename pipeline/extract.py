@@ -33,7 +33,8 @@ from .errors import PipelineError
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
-from .store import H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, read_cache_settings, read_partial_settings
+from .store import (H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, partial_path, read_cache_settings,
+                    read_partial_settings)
 from .weights import weights_tag
 
 __all__ = ["ENGINES", "ExtractResult", "LocalEngine", "check_engine_options", "duplicates_rule", "extract_features",
@@ -91,6 +92,8 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
             return ExtractResult(path, "hit", plan.settings["layers"], 0, 0.0, 0.0, plan.note)
         writer = _resume_writer(path, plan)
         start = writer.n_done if writer else 0
+        if writer is None and partial_path(path).exists():
+            plan.note += "an interrupted run's work was for other data or settings, so it starts over; "
         status = "resumed" if start else "updated" if len(plan.reuse.rows) else "extracted"
         batch_size = batch_size or runner.default_batch_size()
         t0 = time.perf_counter()
@@ -108,7 +111,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
     message = (f"{plan.note}{status} {rows - failed} images -> {path} ({', '.join(plan.settings['layers'])}; "
-               f"{precision} on {where}{f', {rate:.1f} images/s' if rows else ''}){found and chr(10) + found}")
+               f"{precision} on {where}{f', {rate:.1f} images/s' if rows > failed else ''}){found and chr(10) + found}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
 
 

@@ -21,6 +21,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from .checks import count
 from .errors import PipelineError
 from .paths import result_files, sweep_record_files, weights_tag
 from .plots import plot_confusion, plot_depth, thumbnail_strip
@@ -212,9 +213,10 @@ def checks_text(checks):
     """The data checks of a cache (see pipeline.checks) as (paragraph, [list items])."""
     if not checks:
         return "No data checks recorded (a head trained before they existed).", []
-    head = (f"{checks['n_skipped']} images skipped; {checks['n_duplicate_groups']} groups of byte-identical images "
-            f"({checks['n_duplicate_images']} images): {checks['n_groups_across_splits']} span splits "
-            f"({checks['n_eval_images_seen_in_train']} val/test images also in train), "
+    head = (f"{count(checks['n_skipped'], 'image')} skipped; {count(checks['n_duplicate_groups'], 'group')} of "
+            f"byte-identical images ({count(checks['n_duplicate_images'], 'image')}): "
+            f"{checks['n_groups_across_splits']} across splits "
+            f"({count(checks['n_eval_images_seen_in_train'], 'val/test image')} also in train), "
             f"{checks['n_groups_conflicting_labels']} with conflicting labels.")
     items = [f"skipped {s['id']}: {s['reason']}" for s in checks["skipped"]]
     items += [("labels disagree: " if g["conflicting_labels"] else "across splits: ")

@@ -41,8 +41,14 @@ def test_data_checks_counts_leaks_and_conflicts():
     assert checks["n_eval_images_seen_in_train"] == 2  # b (test) and e (val)
     assert checks["skipped"] == [{"id": "x.jpg", "reason": "truncated image data"}] and checks["n_skipped"] == 1
     line = summary(checks)
-    assert "1 images skipped" in line and "2 val/test images are byte-identical to train images" in line
-    assert "1 duplicate groups have conflicting labels" in line
+    assert "1 image skipped" in line and "2 val/test images are byte-identical to train images" in line
+    assert "(2 duplicate groups span splits)" in line and "1 duplicate group has conflicting labels" in line
+
+
+def test_a_group_of_val_and_test_only_is_not_called_a_copy_of_train():
+    checks = {"n_skipped": 2, "n_groups_across_splits": 1, "n_eval_images_seen_in_train": 0,
+              "n_groups_conflicting_labels": 0}
+    assert summary(checks) == "2 images skipped; val and test share byte-identical images (1 duplicate group spans splits)"
 
 
 class Clean(FakeCache):
@@ -56,16 +62,16 @@ def test_clean_data_says_nothing():
 
 def test_note_suggests_dropping_duplicates_only_when_they_leak():
     leaking = note(data_checks(FakeCache()))
-    assert leaking.startswith("note: 1 images skipped; 2 val/test") and "DROP_DUPLICATES=1" in leaking
+    assert leaking.startswith("note: 1 image skipped; 2 val/test") and "DROP_DUPLICATES=1" in leaking
 
     class OnlySkipped(Clean):
         skipped = [("x.jpg", "truncated image data")]
-    assert note(data_checks(OnlySkipped())) == "note: 1 images skipped; `make report` lists them"
+    assert note(data_checks(OnlySkipped())) == "note: 1 image skipped; `make report` lists them"
 
 
 def test_report_lists_every_group_and_skip():
     text, items = checks_text(data_checks(FakeCache()))
-    assert "1 images skipped" in text and "2 span splits" in text and "1 with conflicting labels" in text
+    assert "1 image skipped" in text and "2 across splits" in text and "1 with conflicting labels" in text
     assert items[0] == "skipped x.jpg: truncated image data"
     assert "across splits: a.jpg (bus, train), b.jpg (bus, test)" in items
     assert "labels disagree: d.jpg (bus, train), e.jpg (car, val), f.jpg (bus, train)" in items

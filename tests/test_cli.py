@@ -156,7 +156,7 @@ def test_changed_data_stops_and_says_what_to_do(tmp_path):
     assert "2 new (first: train/dark/new.png)" in message and "--update" in message and "--rebuild" in message
     updated = invoke(*extract, "--update")
     assert updated.exit_code == 0 and "updating" in updated.output and "updated 1 images" in updated.output
-    assert "1 images skipped" in updated.output
+    assert "1 image skipped" in updated.output
     both = invoke(*extract, "--update", "--rebuild")
     assert both.exit_code == 2 and "exclude each other" in both.output
 

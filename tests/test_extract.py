@@ -302,6 +302,19 @@ def test_interrupted_extraction_resumes_to_identical_rows(folder, backbone, monk
     assert_same_codes(avgpool_codes(full), expected, rtol=1e-5)
 
 
+def test_an_interrupted_run_for_other_data_is_started_over_and_says_so(folder, backbone, monkeypatch):
+    append = PartialCache.append
+    monkeypatch.setattr(PartialCache, "append", lambda writer, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if writer.n_done == 10 else append(writer, *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, backbone)
+    monkeypatch.undo()
+    write_image(folder / "train" / "red" / "new.png", color=(250, 0, 0))
+    again = run(folder, backbone)
+    assert again.status == "extracted" and again.rows == 33
+    assert "an interrupted run's work was for other data or settings, so it starts over" in again.message
+
+
 @pytest.mark.parametrize("options", [{"batch_size": 1}, {"batch_size": 32, "num_workers": 2}])
 def test_batch_size_and_workers_give_the_same_codes(folder, backbone, tmp_path, options):
     expected = avgpool_codes(run(folder, backbone), remove=True)

@@ -127,7 +127,7 @@ def test_a_random_weights_run_is_best_only_when_nothing_else_is_there():
 
 def test_data_checks_of_the_best_run_are_shown(report):
     md = (report["dir"] / "report.md").read_text()
-    assert "### Data checks" in md and "1 images skipped" in md and "1 val/test images also in train" in md
+    assert "### Data checks" in md and "1 image skipped" in md and "1 val/test image also in train" in md
     assert "- skipped train/cat/bad.png: truncated image data" in md
     assert "- labels disagree: train/cat/0.png (cat, train), test/dog/0.png (dog, test)" in md
     page = (report["dir"] / "index.html").read_text()
