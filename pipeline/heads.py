@@ -117,15 +117,23 @@ def select_strength(name, X_train, y_train, X_val, y_val):
     return max(scores, key=lambda c: (scores[c], -c)), scores
 
 
-class LinearModel:
+class LinearModel(ClassifierMixin, BaseEstimator):
     """A linear head on raw codes, applied with numpy, as a fitted scikit-learn classifier:
-    decision_function(X) = ((X - mean_) / scale_) @ coef_.T + intercept_; `predict` gives class names."""
+    decision_function(X) = ((X - mean_) / scale_) @ coef_.T + intercept_; `predict` gives class names,
+    `score(X, y)` the accuracy. `score_kind`: "probability", or "margin" for an svm head."""
 
-    def __init__(self, coef, intercept, mean, scale, class_names, score="probability"):
+    def __init__(self, coef, intercept, mean, scale, class_names, score_kind="probability"):
         self.coef_, self.intercept_ = np.asarray(coef), np.asarray(intercept)
         self.mean_, self.scale_ = np.asarray(mean), np.asarray(scale)
         self.classes_ = np.array(class_names, dtype=object)
-        self.score = score  # "probability", or "margin" for an svm head
+        self.n_features_in_ = self.coef_.shape[1]
+        self.score_kind = score_kind
+
+    def get_params(self, deep=True):
+        return {}  # fitted from its arrays, not from parameters: nothing for clone or a search to set
+
+    def fit(self, X, y):
+        raise TypeError(f"{type(self).__name__} is fitted already; train a head with make train-head")
 
     @classmethod
     def from_pipeline(cls, pipeline, class_names, score):
@@ -152,7 +160,7 @@ class LinearModel:
         return z[:, -1] - z[:, -2]
 
     def _probabilistic(self):
-        return self.score != "margin"
+        return self.score_kind != "margin"
 
     @available_if(_probabilistic)
     def predict_proba(self, X):

@@ -2,6 +2,10 @@
 import numpy as np
 import pytest
 
+from sklearn.base import is_classifier
+from sklearn.metrics import accuracy_score, get_scorer
+from sklearn.utils.validation import check_is_fitted
+
 from pipeline.errors import PipelineError
 from pipeline.heads import LinearHead, TorchLinearClassifier, check_head, fit, make_head, select_strength
 from pipeline.store import HEADS, write_head
@@ -81,3 +85,16 @@ def test_a_saved_head_predicts_as_the_fitted_one(tmp_path, name, classes):
         assert not hasattr(head, "predict_proba") and (head.margin(X) >= 0).all()
     else:
         np.testing.assert_allclose(head.predict_proba(X), model.predict_proba(X), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_a_saved_head_is_a_fitted_scikit_learn_classifier(tmp_path, name):
+    X, y = blobs(classes=2, spread=0.8, seed=2)
+    names = np.array(["cat", "dog"], dtype=object)
+    _, head = saved(tmp_path, name, X, y, list(names))
+    assert is_classifier(head) and head.score(X, names[y]) == accuracy_score(names[y], head.predict(X))
+    check_is_fitted(head)
+    auc = get_scorer("roc_auc")(head, X, names[y])  # from predict_proba or decision_function
+    assert 0.9 < auc <= 1.0
+    with pytest.raises(TypeError, match="fitted already"):
+        head.fit(X, y)
