@@ -71,7 +71,9 @@ def plan_extraction(path, table, layers, settings, resolve, update=False, rebuil
         if more:
             return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")
         split = np.asarray(table.split).copy()
-        split[change.kept_rows] = _kept_split(split[change.kept_rows], old.split[change.kept_from], table.own_splits)
+        rows = np.array(sorted(change.was_at), dtype=np.int64)
+        before = old.split[np.array([change.was_at[row] for row in rows], dtype=np.int64)]
+        split[rows] = _kept_split(split[rows], before, table.own_splits)
         return Plan(union, {**settings, "layers": have}, np.setdiff1d(np.arange(len(table)), change.kept_rows),
                     Reuse.from_cache(old, change.kept_rows, change.kept_from), split,
                     f"updating {path}{_rule_note(table) if rule else ''}: {change}; ")
@@ -104,6 +106,7 @@ class DataChange:
     moved: list = ()        # ids (as now) of images the cache holds under another id
     touched: list = ()      # ids of files with a new stamp and the same bytes
     moved_as: str = "moved to another row"
+    was_at: dict = None     # {table row: cache row} of every image the cache held (kept, moved or changed)
 
     @classmethod
     def between(cls, cache, table):
@@ -114,11 +117,15 @@ class DataChange:
         found = _same_content(cache, stamps, table, index, kept)
         touched = {row for row, k in found.items() if ids[k] == table.ids[row]}
         new, changed, retried, elsewhere = [], [], [], set(found.values())
+        was_at = {}
         for row, id_ in enumerate(table.ids):
             if row not in kept and row not in found:  # changed: other content where an image stayed
                 stayed = id_ in index and index[id_] not in elsewhere
                 (changed if stayed else retried if id_ in skipped else new).append(id_)
+                if stayed:
+                    was_at[row] = index[id_]  # recomputed, in the split it had
         found.update(kept)
+        was_at.update(found)
         kept_rows = np.array(sorted(found), dtype=np.int64)
         kept_from = np.array([found[row] for row in kept_rows], dtype=np.int64)
         relabelled = [table.ids[row] for row, k in zip(kept_rows, kept_from)
@@ -128,7 +135,7 @@ class DataChange:
         moved = [table.ids[row] for row in kept_rows if row not in kept and row not in touched]
         return cls(new, removed, changed, relabelled, retried, kept_rows, kept_from, moved,
                    [table.ids[row] for row in sorted(touched)],
-                   "moved to another row" if table.pixels is not None else "moved or renamed")
+                   "moved to another row" if table.pixels is not None else "moved or renamed", was_at)
 
     def __str__(self):
         parts = [f"{len(ids)} {what} (first: {ids[0]})" for what, ids in

@@ -124,6 +124,7 @@ def test_update_computes_only_new_and_changed_images(folder, backbone):
         np.testing.assert_array_equal(now[id_], old[id_])  # copied, not recomputed
         assert now_split[id_] == old_split[id_]
     assert not np.allclose(now["test/red/1.png"], old["test/red/1.png"], rtol=1e-3, atol=0)
+    assert now_split["test/red/1.png"] == "test"
     updated.path.unlink()
     fresh, _ = codes_by_id(run(folder, backbone).path)  # the same data from scratch
     for id_ in now:
@@ -191,6 +192,24 @@ def test_a_swap_the_stamps_cannot_see_is_found_once_the_files_are_touched(tmp_pa
         os.utime(path)
     updated = run(root, backbone, update=True)
     assert updated.rows == 0 and "12 relabelled" in updated.message and "12 moved or renamed" in updated.message
+
+
+def test_a_changed_image_keeps_its_drawn_split(tmp_path, backbone):
+    """Other bytes under an old name: recomputed, in the split it had (a new draw could move it into test)."""
+    root = tmp_path / "data" / "drawn"
+    for name, color in COLORS.items():
+        for i in range(10):
+            write_image(root / name / f"{i}.png", size=(30 + i, 30), color=color)
+    _, old_split = codes_by_id(run(root, backbone).path)
+    for k, id_ in enumerate(old_split):
+        write_image(root / id_, size=(50, 20 + k), color=(90, 90, 90))
+    for name in COLORS:  # new images: the draw over the table differs from the first one
+        for i in range(10, 16):
+            write_image(root / name / f"{i}.png", size=(30 + i, 30), color=COLORS[name])
+    updated = run(root, backbone, update=True)
+    assert updated.rows == 32 and "20 changed" in updated.message
+    now_split = codes_by_id(updated.path)[1]
+    assert {id_: now_split[id_] for id_ in old_split} == old_split
 
 
 def test_a_touched_file_keeps_its_row_before_a_new_copy_of_it(tmp_path, backbone):
