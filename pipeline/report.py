@@ -281,8 +281,8 @@ def write_report(features_dir="features", reports_dir="reports", data_dir="data"
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_runs_json(out / "runs.json", runs)]
     sections = []
-    for dataset in dict.fromkeys(r["dataset"] for r in runs):
-        own = [r for r in runs if r["dataset"] == dataset]
+    for dataset in dict.fromkeys(r["dataset"] for r in runs if not r.get("stale")):  # a stale head is never shown
+        own = [r for r in runs if r["dataset"] == dataset and not r.get("stale")]       # as a data set's best
         best = best_run(own)
         section = {"best": best, "confusion": plot_confusion(best, _title(best), out / _file_name(dataset, "confusion")),
                    "depth": [_plot_depth(group, out / _file_name(*key, "depth"))

@@ -262,3 +262,8 @@ def test_heads_of_a_cache_made_again_since_are_marked_stale_and_not_chosen(tmp_p
     assert best_run([r for r in runs if r["dataset"] == "toys"])["head"] == "svm"  # val 0.88, not layer3's 0.90
     table, _ = write_report(features, tmp_path / "reports", tmp_path / "data")
     assert table.count("softmax (stale)") == 3 and "made again" in (tmp_path / "reports" / "report.md").read_text()
+    for head in (kept, features / "toys" / "heads" / "resnet18-random.avgpool.softmax.json"):
+        head.unlink()  # every head of toys stale: the table shows them, no section calls one best
+    write_report(features, tmp_path / "reports", tmp_path / "data")
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert md.count("softmax (stale)") == 3 and "## toys" not in md
