@@ -221,9 +221,10 @@ def draw_splits(labels, seed, given=None, class_names=None):
         if len(rows) == 0:
             raise _split_error(name, f"every class has fewer than {MIN_CLASS_TO_DRAW} train images"
                                if (split == "train").any() else "no train images to draw it from")
+        # as many images as classes at least, as a stratified draw needs (at 3 images a class, one a split)
+        size = max(int(np.ceil(fractions[name] / share_left * len(rows))), len(np.unique(labels[rows])))
         try:
-            _, taken = train_test_split(rows, test_size=fractions[name] / share_left,
-                                        random_state=seed, stratify=labels[rows])
+            _, taken = train_test_split(rows, test_size=size, random_state=seed, stratify=labels[rows])
         except ValueError as e:
             raise _split_error(name, one_line(e)) from None
         split[taken] = name
