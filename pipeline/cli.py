@@ -11,7 +11,7 @@ line on stderr, and the run goes on.
 import os
 import sys
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import click
 
@@ -33,6 +33,17 @@ class Bytes(click.ParamType):
             return int(float(text.rstrip("KMGT")) * 1024 ** power)
         except ValueError:
             self.fail(f"{value!r} is not a size; give bytes, or a number with K, M, G or T (e.g. 4G)", param, ctx)
+
+
+def dataset_name(ctx, param, value):
+    """A data set's folder name under --data-dir (a trailing slash dropped: the same cache), not a path."""
+    text = str(value).rstrip("/\\")
+    path = PurePath(text)
+    if text in ("", ".", "..") or len(path.parts) > 1:
+        where = str(path.parent) if path.is_absolute() else f"<DATA_DIR>/{path.parent}"
+        raise PipelineError(f"DATASET={value} is a path; a data set is named by its folder under DATA_DIR (caches "
+                            f"and heads are filed by that name): give DATA_DIR={where} DATASET={path.name}")
+    return text
 
 
 BYTES = Bytes()
@@ -98,7 +109,8 @@ def _data_options(f):
 
 
 @cli.command()
-@click.option("--dataset", default="vehicles", show_default=True, help="Folder under --data-dir, or `digits`.")
+@click.option("--dataset", callback=dataset_name, default="vehicles", show_default=True,
+              help="Folder under --data-dir, or `digits`.")
 @click.option("--model", default="vgg16", show_default=True, help="Any torchvision classifier (`pipeline models`).")
 @click.option("--layers", default="penultimate", show_default=True,
               help="Comma-separated taps, each optionally :avg|:max|:avgmax|:gridK (`pipeline taps MODEL`).")
@@ -145,7 +157,7 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
 
 @cli.command("train-head")
 @click.option("--head", type=HEAD, default="softmax", show_default=True)
-@click.option("--dataset", default="vehicles", show_default=True)
+@click.option("--dataset", callback=dataset_name, default="vehicles", show_default=True)
 @click.option("--model", default=None,
               help="Default: the only (or newest) cache of the data set; with --weights, the one made with them.")
 @click.option("--weights", default=None, help="default, none or a .pth path, as given to extract; without --model, "
@@ -191,7 +203,7 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 
 
 @cli.command()
-@click.option("--dataset", default="vehicles", show_default=True)
+@click.option("--dataset", callback=dataset_name, default="vehicles", show_default=True)
 @click.option("--model", default="vgg16", show_default=True)
 @click.option("--weights", default="default", show_default=True, help="default, none or a .pth path.")
 @click.option("--head", type=HEAD, default="softmax", show_default=True)

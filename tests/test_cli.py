@@ -37,6 +37,19 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         assert "--compile is for the local engine" in message
 
 
+def test_a_dataset_is_a_folder_name_not_a_path(tmp_path):
+    for command in ("extract", "train-head", "sweep"):
+        message = one_line_error(invoke(command, "--dataset", tmp_path / "data" / "pabs"))
+        assert f"give DATA_DIR={tmp_path / 'data'} DATASET=pabs" in message
+    assert "give DATA_DIR=<DATA_DIR>/bad DATASET=strlab" in one_line_error(invoke("extract", "--dataset", "bad/strlab"))
+    shapes(tmp_path)
+    options = ("--model", "resnet18", "--weights", "none", "--data-dir", tmp_path / "data", "--features-dir",
+               tmp_path / "features", "--quiet")
+    assert invoke("extract", "--dataset", "shapes", *options).exit_code == 0
+    again = invoke("extract", "--dataset", "shapes/", *options)  # the same data set, the same cache
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+
 def test_pipeline_warnings_print_as_one_line_and_others_as_python_prints_them():
     from pipeline.cli import _warning_line
     from pipeline.errors import PipelineWarning
