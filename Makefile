@@ -87,6 +87,8 @@ report: venv
 	$(CLI) report --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --data-dir $(DATA_DIR)
 
 predict: venv $(ENGINE_DEPS)
+	$(if $(and $(HEAD_FILE),$(INPUTS)),,$(error make predict needs HEAD_FILE= (a head from make train-head, \
+	  features/<dataset>/heads/*.h5) and INPUTS= (image files or folders)))
 	$(CLI) predict $(HEAD_FILE) $(INPUTS) --out $(or $(OUT),predictions.csv) $(call opt,--weights,$(WEIGHTS)) \
 	  --device $(DEVICE) $(call opt,--batch-size,$(BATCH)) $(if $(COMPILE),--compile) $(ENGINE_OPTS)
 

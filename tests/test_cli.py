@@ -109,6 +109,9 @@ def test_make_forwards_weights_batch_and_pooling():
     assert "--weights /moved/w.pth" in predict and "--batch-size 8" in predict
     assert "--weights" not in command("predict", "HEAD_FILE=h.h5", "INPUTS=x")
     assert "--pooling max" in command("sweep", "POOLING=max") and "--pooling" not in command("sweep")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        command("predict", "INPUTS=photos/")  # the folder would be taken for the head file
+    assert "make predict needs HEAD_FILE=" in refused.value.stderr
 
 
 def test_extract_train_report_predict(tmp_path):
