@@ -107,6 +107,9 @@ def load_dataset(name, data_dir="data", seed=0, drop_duplicates=False):
     if (root / "images").is_dir() and data_csv_files(root):
         return _make_table(name, "csv", root, read_csv_images(root), seed, drop_duplicates)
     if data_csv_files(root):
+        if any(is_image_file(p) for p in root.iterdir()):
+            raise DataError(f"{root}: a CSV beside image files; the CSV layout keeps its images in {root / 'images'}/ "
+                            "(move them there), and a pixel CSV has no image files (data/README.md)")
         return _make_table(name, "pixels", root, read_pixel_csv(root), seed, drop_duplicates)
     if any(is_image_file(p) for p in root.rglob("*")):
         return _make_table(name, "imagefolder", root, read_image_folder(root), seed, drop_duplicates)

@@ -293,6 +293,14 @@ def test_hidden_csv_does_not_make_a_pixel_layout(tmp_path):
     assert load_dataset("f", tmp_path).layout == "imagefolder"
 
 
+def test_error_images_beside_the_csv_not_in_images(tmp_path):
+    root = tmp_path / "f"
+    write_image(root / "1.jpg")
+    (root / "labels.csv").write_text("image_names,emergency_or_not\n1.jpg,1\n")
+    with pytest.raises(DataError, match=line_with(root, "a CSV beside image files", f"{root / 'images'}/")):
+        load_dataset("f", tmp_path)
+
+
 def test_error_missing_data_set_folder(tmp_path):
     with pytest.raises(DataError, match=line_with(tmp_path / "nowhere", "DATA_DIR")):
         load_dataset("nowhere", tmp_path)
