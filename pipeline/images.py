@@ -12,6 +12,7 @@ alpha, palette, animation, EXIF rotation) becomes a plain RGB image.
 import hashlib
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,10 @@ from PIL.JpegImagePlugin import JpegImageFile
 from .errors import ImageDecodeError
 
 DRAFT_FACTOR = 2      # JPEG draft decoding only for images at least this much larger than needed
+
+# PIL warns of images between 1x and 2x its pixel limit; check_pixel_count refuses them with a reason,
+# so the warning (two lines of PIL's, in the middle of a progress bar) says nothing more.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def read_image_bytes(path):

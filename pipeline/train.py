@@ -82,7 +82,11 @@ def fit_head(head, codes, solver="torch", progress=None):
     pipeline = fit(head, C, codes.X[both], codes.labels[both])
     model = LinearModel.from_pipeline(pipeline, codes.class_names, _score_kind(head))
     return FittedHead(model, C, grid, t1 - t0, time.perf_counter() - t1,
-                      f"scikit-learn {type(pipeline[-1]).__name__}, one fit per C", len(train), False)
+                      f"{_origin(pipeline[-1])}{type(pipeline[-1]).__name__}, one fit per C", len(train), False)
+
+
+def _origin(estimator):
+    return "scikit-learn " if type(estimator).__module__.startswith("sklearn") else "torch "
 
 
 def score_head(model, codes):

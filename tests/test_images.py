@@ -9,8 +9,11 @@ import hashlib
 import io
 import re
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,14 +137,25 @@ def bomb_png(path, size):
     Image.new("RGB", size, (1, 2, 3)).save(path)
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("size, pixels", [((40, 40), 1600),    # 1x-2x the limit: PIL only warns
                                           ((70, 70), 4900)])   # over 2x: PIL raises
 def test_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch, size, pixels):
     bomb_png(tmp_path / "bomb.png", size)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels decoded"))  # never decoded
-    assert_refused(tmp_path / "bomb.png", f"larger than the decompression-bomb limit ({pixels} pixels > 1000)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # pytest drops the filter images.py sets
+        assert_refused(tmp_path / "bomb.png", f"larger than the decompression-bomb limit ({pixels} pixels > 1000)")
+
+
+def test_an_image_refused_as_a_bomb_prints_no_warning_of_pils(tmp_path):
+    """A fresh process (pytest keeps no filter set while it imports the tests): only the reason, no PIL warning."""
+    bomb_png(tmp_path / "bomb.png", (40, 40))
+    code = ("import sys; from PIL import Image; from pipeline.images import load_file; Image.MAX_IMAGE_PIXELS = 1000\n"
+            "try: load_file(sys.argv[1])\nexcept Exception as e: print(e)")
+    run = subprocess.run([sys.executable, "-c", code, tmp_path / "bomb.png"], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], check=True)
+    assert run.stdout.strip() == "larger than the decompression-bomb limit (1600 pixels > 1000)" and run.stderr == ""
 
 
 def test_bomb_warning_raised_as_error_gives_the_same_reason(tmp_path, monkeypatch):
