@@ -239,7 +239,8 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
                                            precision=precision, batch_size=batch_size, num_workers=workers,
                                            progress=not quiet, engine=engine, ray_address=ray_address,
                                            ray_data=ray_data, decode=decode, compiled=compiled)
-    again = f"DATASET={dataset} MODEL={model}" + ("" if weights == "default" else f" WEIGHTS={weights}")
+    again = (f"DATASET={dataset} MODEL={model}" + ("" if weights == "default" else f" WEIGHTS={weights}")
+             + ("" if features_dir == Path("features") else f" FEATURES_DIR={features_dir}"))
     click.echo(f"{extracted.message}\nchosen on val: {chosen} "
                f"(`make train-head {again} LAYER=auto HEAD={head}` uses it)")
     write_report(features_dir, reports_dir, data_dir)

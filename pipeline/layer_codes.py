@@ -170,6 +170,7 @@ def resolve_layer(cache, layer):
     if pooled:
         raise CacheError(f"{cache.path}: no layer {layer!r} (a tap alone means {layer}:avg); it has "
                          f"{', '.join(pooled)}: give LAYER={pooled[0]}, "
-                         f"or `make extract LAYERS={layer}` for {layer}:avg")
-    raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} "
-                     f"(extract it with `make extract LAYERS={layer}`)")
+                         f"or `make extract LAYERS={layer}` (with this cache's DATASET, MODEL and WEIGHTS) "
+                         f"for {layer}:avg")
+    raise CacheError(f"{cache.path}: no layer {layer!r}; it has {', '.join(cache.layers)} (extract it with "
+                     f"`make extract LAYERS={layer}` and this cache's DATASET, MODEL and WEIGHTS)")

@@ -46,7 +46,8 @@ def chosen_layer(cache_file, head):
     path = sweep_record_path(cache_file, head)
     if not path.exists():
         raise CacheError(f"no layer sweep recorded for {cache_file} with head {head} ({path}); "
-                         "run `make sweep` first, or give LAYER=<name>")
+                         f"run `make sweep HEAD={head}` with this DATASET, MODEL and WEIGHTS first, "
+                         "or give LAYER=<name>")
     try:
         return read_sweep_record(path)["chosen"]
     except ValueError as e:

@@ -143,7 +143,7 @@ def test_extract_train_report_predict(tmp_path):
     assert "(the cache made with WEIGHTS=none)" in chosen.output
     newer.unlink()
     missing = one_line_error(invoke("train-head", "--dataset", "shapes", "--layer", "auto", *common))
-    assert "make sweep" in missing
+    assert "make sweep HEAD=softmax" in missing
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
     assert report.exit_code == 0 and "random (untrained)" in report.output and "(stale)" not in report.output
     assert (tmp_path / "reports" / "runs.json").exists()

@@ -28,8 +28,8 @@ def test_pneumoniamnist_sweep_mobilenet_v2(shared, mobilenet_weights, tmp_path):
     assert all((run["n_train"], run["n_val"], run["n_test"]) == (2428, 270, 468) for run in runs)
     chosen = check_one_chosen(runs)
     assert f"chosen on val: {chosen['layer']}" in out
-    assert (f"`make train-head DATASET=pneumoniamnist MODEL=mobilenet_v2 WEIGHTS={mobilenet_weights} LAYER=auto "
-            "HEAD=softmax` uses it") in out  # the hint runs as printed
+    assert (f"`make train-head DATASET=pneumoniamnist MODEL=mobilenet_v2 WEIGHTS={mobilenet_weights} "
+            f"FEATURES_DIR={features} LAYER=auto HEAD=softmax` uses it") in out  # the hint runs as printed
     # the earlier layer beats the last one on these X-rays (the point of the sweep)
     by_layer = {run["layer"]: run for run in runs}
     assert max(run["val_accuracy"] for run in runs) > by_layer["avgpool"]["val_accuracy"]
