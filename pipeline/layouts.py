@@ -52,10 +52,8 @@ class Listing:
     def keep(self, rows):
         """Only `rows` (indices, in order) stay."""
         self.ids, self.raw, self.stamps = ([v[i] for i in rows] for v in (self.ids, self.raw, self.stamps))
-        if self.given is not None:
-            self.given = [self.given[i] for i in rows]
-        if self.pixels is not None:
-            self.pixels = self.pixels[rows]
+        self.given = None if self.given is None else [self.given[i] for i in rows]
+        self.pixels = None if self.pixels is None else self.pixels[rows]
 
 
 def _file_stamp(path):
@@ -82,8 +80,7 @@ def data_csv_files(root):
 
 
 def the_csv(root):
-    """The one CSV of a data set folder. Several -> DataError: a second CSV (a test list, a backup)
-    must never silently decide the labels."""
+    """The one CSV of a data set folder; several -> DataError: a second one must not decide the labels."""
     found = data_csv_files(root)
     if len(found) > 1:
         raise DataError(f"{root}: {len(found)} CSV files ({_and([p.name for p in found])}), cannot tell which "
@@ -159,6 +156,9 @@ def read_csv_images(root):
     if file_col is None:
         raise DataError(f"{csv_path}: no column names a file in {images} (first row: {rows[0][1]}); "
                         "the CSV must name each image file relative to images/")
+    if _names_file(images, images.resolve(), header[file_col]):  # no header line: its first image is not one
+        raise DataError(f"{csv_path}: its first line names an image ({header[file_col]}), not a column; "
+                        "put a header line first, e.g. `file,label`")
     label_col = _label_column(csv_path, header, file_col)
     usable, skipped = [], []  # skipped: (line, id, reason)
     for line, row in rows:
@@ -167,9 +167,9 @@ def read_csv_images(root):
         rel, label = row[file_col], row[label_col].strip()
         path, stamp, reason = _csv_row_file(csv_path, line, images, rel)
         if reason is None and not label:
-            reason = f"empty label ({csv_path.name} line {line})"
+            reason = "empty label"
         if reason:
-            skipped.append((line, f"images/{rel}", reason))
+            skipped.append((line, f"images/{rel}", f"{reason} ({csv_path.name} line {line})"))
         else:
             usable.append(_CsvRow(line, f"images/{rel}", label, stamp, path))
     kept, relisted = _drop_relisted(usable)
@@ -183,7 +183,7 @@ def _csv_row_file(csv_path, line, images, rel):
     """The file a CSV row names -> (resolved path, stamp, None) or (.., .., why the row is skipped).
     A path leading out of images/ (.., absolute, a symlink out) is a DataError: it is never read."""
     if not rel.strip():
-        return None, None, f"empty file name ({csv_path.name} line {line})"
+        return None, None, "empty file name"
     path, reason = _resolve(images, rel)
     if reason:
         return None, None, reason

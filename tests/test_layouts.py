@@ -432,9 +432,17 @@ def test_csv_missing_file_is_skipped(tmp_path):
     (root / "images" / "7.png").unlink()
     (root / "images" / "0.png").unlink()  # the first row too: the file column is still found
     table = load_dataset("veh", tmp_path)
-    assert table.skipped == [("images/0.png", "no such file"), ("images/7.png", "no such file")]
+    assert table.skipped == [("images/0.png", "no such file (train.csv line 2)"),
+                             ("images/7.png", "no such file (train.csv line 9)")]
     assert len(table) == 18
     assert labels_by_id(table) == expected_labels(csv_rows(root), drop={"0.png", "7.png"})
+
+
+def test_csv_without_a_header_line_is_refused_not_short_of_its_first_image(tmp_path):
+    root = make_csv_set(tmp_path / "veh", balanced(10, ["0", "1"]))
+    write_csv(root / "train.csv", csv_rows(root)[1:])  # the rows without the header
+    with pytest.raises(DataError, match=line_with("train.csv", "first line names an image (0.png)", "header line")):
+        load_dataset("veh", tmp_path)
 
 
 def test_csv_directory_named_as_a_file_is_skipped(tmp_path):
@@ -443,7 +451,7 @@ def test_csv_directory_named_as_a_file_is_skipped(tmp_path):
     rows = csv_rows(root) + [["sub", "1"]]
     write_csv(root / "train.csv", rows)
     table = load_dataset("veh", tmp_path)
-    assert table.skipped == [("images/sub", "not a file")]
+    assert table.skipped == [("images/sub", "not a file (train.csv line 22)")]
     assert labels_by_id(table) == expected_labels(rows, drop={"sub"})
 
 
