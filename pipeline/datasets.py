@@ -133,6 +133,19 @@ def _make_table(name, layout, root, listing, seed, drop_duplicates):
                       listing.pixels, listing.skipped, listing.stamps, drop_duplicates, own)
 
 
+def training_problems(table):
+    """What `make train-head` will refuse in this table, said before its codes are computed: one class only,
+    or classes with no train image (a misspelled class folder under val/ or test/, say)."""
+    if len(table.class_names) < 2:
+        return [f"{table.name}: one class only ({', '.join(map(str, table.class_names))}); a head needs two, "
+                "so add a folder (or labels) per class"]
+    missing = sorted(set(range(len(table.class_names))) - set(table.labels[table.split == "train"].tolist()))
+    if missing:
+        return [f"{table.name}: classes {_some([table.class_names[k] for k in missing])} have no train image "
+                "(a misspelled folder?); a head refuses them, so fix or remove them"]
+    return []
+
+
 def _fingerprint(listing, drop_duplicates):
     """sha256 of the rows (ids, labels, sizes and mtimes; pixel layouts: the source's hash) and, only
     when there are any, of the skipped rows and the duplicate rule: clean data keeps its fingerprint."""

@@ -11,7 +11,7 @@ from test_layouts import balanced, csv_rows, make_pixel_set, write_csv
 from pipeline import backbones
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
-from pipeline.errors import CacheError, IncompleteCacheError, StaleCacheError
+from pipeline.errors import CacheError, IncompleteCacheError, PipelineWarning, StaleCacheError
 from pipeline.extract import duplicates_rule, extract_features
 from pipeline.store import FeatureCache, PartialCache, extraction_lock, partial_path
 
@@ -50,6 +50,15 @@ def test_cache_layout(folder, backbone):
                     "dataset_fingerprint", "versions", "device", "precision", "images_per_s"):
             assert key in h5.attrs, key
         assert h5.attrs["weights"] == "random" and h5.attrs["precision"] == "fp32"
+
+
+def test_data_a_head_would_refuse_is_warned_of_before_extraction(folder, backbone):
+    write_image(folder / "val" / "Red" / "0.png")  # a misspelled class folder: a class without train images
+    with pytest.warns(PipelineWarning, match=r"toy: classes Red have no train image \(a misspelled folder\?\)"):
+        assert run(folder, backbone).status == "extracted"  # a warning: the codes are made all the same
+    one = image_folder(folder.parent / "one", {"red": COLORS["red"]})
+    with pytest.warns(PipelineWarning, match=r"one: one class only \(red\); a head needs two"):
+        run(one, backbone)
 
 
 def test_same_request_is_a_cache_hit(folder, backbone):
