@@ -133,17 +133,17 @@ def _make_table(name, layout, root, listing, seed, drop_duplicates):
                       listing.pixels, listing.skipped, listing.stamps, drop_duplicates, own)
 
 
-def training_problems(table):
-    """What `make train-head` will refuse in this table, said before its codes are computed: one class only,
-    or classes with no train image (a misspelled class folder under val/ or test/, say)."""
-    if len(table.class_names) < 2:
-        return [f"{table.name}: one class only ({', '.join(map(str, table.class_names))}); a head needs two, "
-                "so add a folder (or labels) per class"]
-    missing = sorted(set(range(len(table.class_names))) - set(table.labels[table.split == "train"].tolist()))
+def training_problem(labels, split, class_names):
+    """What a head refuses in these rows, or None: one class only, or classes with no train image (a
+    misspelled class folder under val/ or test/, say). Extract warns of it; train-head stops at it."""
+    if len(class_names) < 2:
+        return (f"one class only ({', '.join(map(str, class_names)) or 'none'}); a classifier needs at least two: "
+                "add a folder (or labels) per class")
+    missing = sorted(set(range(len(class_names))) - set(np.asarray(labels)[np.asarray(split) == "train"].tolist()))
     if missing:
-        return [f"{table.name}: classes {_some([table.class_names[k] for k in missing])} have no train image "
-                "(a misspelled folder?); a head refuses them, so fix or remove them"]
-    return []
+        return (f"classes {[class_names[k] for k in missing]} have no train images (a misspelled folder?); "
+                "add some or remove those classes")
+    return None
 
 
 def _fingerprint(listing, drop_duplicates):

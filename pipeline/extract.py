@@ -30,7 +30,7 @@ from . import __version__
 from .checks import data_checks, note
 from .codes import check_compiler, iter_codes
 from .device_decode import check_device_decoding
-from .datasets import training_problems
+from .datasets import training_problem
 from .errors import PipelineError, PipelineWarning
 from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
 from .paths import cache_path
@@ -83,8 +83,9 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     part of the cache key. `compiled`: the model through torch.compile (codes.Compiled; local engine);
     the same codes within rounding, so not part of the key, but recorded with the run.
     """
-    for problem in training_problems(table):
-        warnings.warn(problem, PipelineWarning, stacklevel=2)
+    problem = training_problem(table.labels, table.split, table.class_names)
+    if problem:
+        warnings.warn(f"{table.name}: {problem}", PipelineWarning, stacklevel=2)
     runner = open_engine(engine, device, num_workers, ray_address, ray_data, decode, backbone.transform, compiled)
     precision = runner.precision(precision)
     path = cache_path(features_dir, table.name, backbone.name, backbone.weights_tag)

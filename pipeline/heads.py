@@ -136,11 +136,11 @@ class LinearModel(ClassifierMixin, BaseEstimator):
         raise TypeError(f"{type(self).__name__} is fitted already; train a head with make train-head")
 
     @classmethod
-    def from_pipeline(cls, pipeline, class_names, score):
+    def from_pipeline(cls, pipeline, class_names, score_kind):
         """A fitted make_pipeline(StandardScaler(), estimator) of class indices 0..K-1."""
         scaler, estimator = pipeline[0], pipeline[-1]
         return cls(np.atleast_2d(estimator.coef_), np.atleast_1d(estimator.intercept_), scaler.mean_, scaler.scale_,
-                   class_names, score)
+                   class_names, score_kind)
 
     def decision_function(self, X):
         """[N, K] scores, or [N] for a binary scikit-learn head (positive: the second class)."""

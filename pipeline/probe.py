@@ -158,7 +158,8 @@ def _refit(head, codes, C, warm, scaler, run):
     rows, k = codes.rows("train", "val"), len(codes.class_names)
     if codes.in_memory:
         fit = _fit_grid(head, codes.matrix(rows, scaler), codes.labels[rows], k, [C], run, warm)
-        solver = "minibatch Adam" if head == "linear" else f"full-batch L-BFGS ({fit.steps} iteration{'' if fit.steps == 1 else 's'})"
+        steps = f"{fit.steps} iteration{'' if fit.steps == 1 else 's'}"
+        solver = "minibatch Adam" if head == "linear" else f"full-batch L-BFGS ({steps})"
     else:
         batch, epochs = _minibatch_plan(len(rows), STREAMED_EPOCHS)
         epoch = iter(range(epochs))

@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support)
 
+from .datasets import training_problem
 from .errors import CacheError, PipelineError
 from .heads import LinearModel, check_head, fit, select_strength
 from .layer_codes import CachedLayer, Scaler
@@ -49,13 +50,9 @@ def load_codes(cache_file, layer, memory_budget=None):
     for s in SPLITS:
         if not len(codes.rows(s)):
             raise CacheError(f"{cache_file}: the {s} split is empty; re-extract with a data set that has one")
-    if len(codes.class_names) < 2:
-        raise CacheError(f"{cache_file}: one class only ({', '.join(map(str, codes.class_names)) or 'none'}); a "
-                         "classifier needs at least two: add a folder (or labels) per class and extract again")
-    missing = set(range(len(codes.class_names))) - set(codes.labels[codes.rows("train")])
-    if missing:
-        raise CacheError(f"{cache_file}: classes {[codes.class_names[i] for i in sorted(missing)]} have no train "
-                         "images; add some or remove those classes")
+    problem = training_problem(codes.labels, codes.split, codes.class_names)
+    if problem:
+        raise CacheError(f"{cache_file}: {problem}")
     return codes
 
 

@@ -54,10 +54,10 @@ def test_cache_layout(folder, backbone):
 
 def test_data_a_head_would_refuse_is_warned_of_before_extraction(folder, backbone):
     write_image(folder / "val" / "Red" / "0.png")  # a misspelled class folder: a class without train images
-    with pytest.warns(PipelineWarning, match=r"toy: classes Red have no train image \(a misspelled folder\?\)"):
+    with pytest.warns(PipelineWarning, match=r"toy: classes \['Red'\] have no train images \(a misspelled folder\?\)"):
         assert run(folder, backbone).status == "extracted"  # a warning: the codes are made all the same
     one = image_folder(folder.parent / "one", {"red": COLORS["red"]})
-    with pytest.warns(PipelineWarning, match=r"one: one class only \(red\); a head needs two"):
+    with pytest.warns(PipelineWarning, match=r"one: one class only \(red\); a classifier needs at least two"):
         run(one, backbone)
 
 
