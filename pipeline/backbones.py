@@ -31,7 +31,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from .errors import ModelError
 from .paths import weights_tag as tag_of
 from .preprocess import fast_preprocessing
-from .weights import file_sha256, load_weights_file, pretrained, pretrained_sha256, torchvision_weights_of
+from .weights import file_sha256, load_weights_file, pretrained, torchvision_weights_of
 
 POOLINGS = ("avg", "max", "avgmax", "gridK")
 _SKIP_BACK = (nn.Dropout, nn.Flatten, nn.Identity)  # no-ops in eval, walked over to find penultimate
@@ -291,8 +291,8 @@ def load_backbone(name, weights="default", preprocessing="fast"):
     enums = get_model_weights(name)
     if weights == "default":
         chosen = enums.DEFAULT
-        model = pretrained(name, chosen)
-        backbone = Backbone(name, model, chosen.transforms(), chosen.name, pretrained_sha256(chosen), chosen.url)
+        model, sha = pretrained(name, chosen)
+        backbone = Backbone(name, model, chosen.transforms(), chosen.name, sha, chosen.url)
     elif weights == "none":
         with torch.random.fork_rng():
             torch.manual_seed(0)

@@ -1,17 +1,19 @@
 """Weights for torchvision's classifiers: its pretrained ones (downloaded once), or a state-dict file.
 
-    model = pretrained("vgg16", VGG16_Weights.DEFAULT)           # WeightsError offline, naming both remedies
+    model, sha256 = pretrained("vgg16", VGG16_Weights.DEFAULT)   # downloaded once; WeightsError offline
     model, args = load_weights_file("googlenet", Path("g.pth"))  # weights_only, strict keys; built as for
                                                                  # its pretrained weights: transform_input
     weights_tag("vgg16", "default")                              # the cache-file tag, no model built
     torchvision_weights_of("resnet50", sha256)                   # ResNet50_Weights.IMAGENET1K_V2 for its file
 
-A file is read with `torch.load(weights_only=True)`: nothing is unpickled. Its sha256
-goes into the cache, so that other weights make another cache.
+A file, torchvision's downloads included, is read with `torch.load(weights_only=True)`:
+nothing is unpickled. Its sha256 goes into the cache, so that other weights make another
+cache.
 """
 import functools
 import hashlib
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from torchvision.models import get_model, get_model_weights
 from .errors import WeightsError
 from .paths import weights_tag as tag_of
 
-__all__ = ["file_sha256", "load_weights_file", "pretrained", "pretrained_sha256", "torchvision_weights_of",
+__all__ = ["file_sha256", "load_weights_file", "pretrained", "torchvision_weights_of",
            "weights_tag"]
 
 
@@ -42,13 +44,32 @@ def file_sha256(weights):
 
 
 def pretrained(name, chosen):
-    """torchvision's `name` with its pretrained weights `chosen`, downloaded into torch's cache once."""
+    """torchvision's `name` with its pretrained weights `chosen` -> (model, the file's sha256). The file
+    is downloaded into torch's cache once, its sha256 checked against the digits its name carries, and
+    loaded as a weights file is (load_weights_file: weights_only, where torchvision's own builders
+    unpickle it, and no random initialisation to overwrite)."""
+    file = _downloaded(chosen)
+    if not file.exists():
+        _download(name, chosen, file)
+    sha, digits = _sha256(file), HASH_REGEX.search(file.name)
+    if digits and not sha.startswith(digits.group(1)):
+        raise WeightsError(f"{file}: its sha256 starts {sha[:len(digits.group(1))]}, not {digits.group(1)} as its "
+                           "name says: a damaged or altered download; delete it and run again to download it anew")
+    return load_weights_file(name, file)[0], sha
+
+
+def _download(name, chosen, file):
+    """`chosen`'s file from torchvision's server to `file`, as torch.hub does (checked against the sha256
+    digits in its name); any failure -> WeightsError naming both remedies."""
+    digits = HASH_REGEX.search(file.name)
     try:
-        return get_model(name, weights=chosen)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        print(f'Downloading: "{chosen.url}" to {file}', file=sys.stderr)
+        torch.hub.download_url_to_file(chosen.url, str(file), digits.group(1) if digits else None, progress=True)
     except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "could not get it"
         raise WeightsError(
             f"cannot get the pretrained {name} weights {chosen.name} ({type(e).__name__}: {str(e)[:120]}); "
-            f"offline? either download {chosen.url} and put it at {_downloaded(chosen)}, "
+            f"offline? either download {chosen.url} and put it at {file}, "
             f"or pass WEIGHTS=/path/to/{name}.pth (a state dict), or WEIGHTS=none for random weights"
         ) from None
 
@@ -61,12 +82,6 @@ def torchvision_weights_of(name, sha256):
         if digits and len(digits.group(1)) >= 8 and sha256.startswith(digits.group(1)):
             return weights
     return None
-
-
-def pretrained_sha256(chosen):
-    """The sha256 of the downloaded file of `chosen`, or "" when it is not in torch's cache."""
-    file = _downloaded(chosen)
-    return _sha256(file) if file.exists() else ""
 
 
 def _downloaded(chosen):

@@ -1,5 +1,8 @@
 """Weights: torchvision's pretrained ones, state-dict files (built without a wasted initialisation), errors."""
+import hashlib
 import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from torchvision.models import get_model
 
 from pipeline.backbones import load_backbone
 from pipeline.errors import WeightsError
-from pipeline.weights import load_weights_file, weights_tag
+from pipeline.weights import load_weights_file, pretrained, weights_tag
 
 
 def test_weights_file_loaded_with_sha(tmp_path):
@@ -53,15 +56,51 @@ def test_pickled_object_is_refused(tmp_path):
 
 def test_default_weights_offline_names_both_remedies(monkeypatch, tmp_path):
     from urllib.error import URLError
-    import torchvision.models._api as api
 
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     where = re.escape(str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"))  # where to put the file
     with pytest.raises(WeightsError, match=rf"^[^\n]*{where}.*WEIGHTS=/path/to/resnet18\.pth[^\n]*$"):
+        load_backbone("resnet18", "default")
+
+
+def test_pretrained_weights_are_downloaded_once_and_never_unpickled(monkeypatch, tmp_path):
+    """torchvision's builders load their downloads with torch.hub's weights_only=False; here the file is
+    loaded as any weights file is, and what the server sent is checked against its name's digits."""
+    model = get_model("resnet18")
+    served = tmp_path / "served.pth"
+    torch.save(model.state_dict(), served)
+    sha = hashlib.sha256(served.read_bytes()).hexdigest()
+    chosen = SimpleNamespace(name="IMAGENET1K_V1", url=f"https://download.pytorch.org/models/resnet18-{sha[:8]}.pth")
+    downloads, loads, load = [], [], torch.load
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        downloads.append((url, hash_prefix))
+        shutil.copy(served, dst)
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for _ in range(2):
+        loaded, digest = pretrained("resnet18", chosen)
+        assert digest == sha and all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert downloads == [(chosen.url, sha[:8])] and loads == [True, True]
+
+
+def test_a_damaged_download_is_refused_with_the_remedy(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    damaged = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    damaged.parent.mkdir(parents=True)
+    torch.save(get_model("resnet18").state_dict(), damaged)  # the right keys, not the bytes its name promises
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(damaged))}: its sha256 starts [0-9a-f]{{8}}, not "
+                                           r"f37072fd as its name says: .*delete it and run again"):
         load_backbone("resnet18", "default")
 
 
