@@ -13,6 +13,7 @@ cache.
 import functools
 import hashlib
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def load_weights_file(name, path):
     The model is built on the meta device and given uninitialised memory for the file to fill
     (`to_empty`): a random initialisation, only to be overwritten, is most of a large model's build
     (README: models, layers and pooling)."""
-    state = _read_state_dict(path)
+    state = _renamed_keys(_read_state_dict(path))
     args = dict(PRETRAINED_ARGS.get(name, {}))
     build = dict(args, **({"aux_logits": any(key.startswith(_AUXILIARY[name]) for key in state),
                            "init_weights": False} if name in _AUXILIARY else {}))
@@ -117,8 +118,22 @@ def load_weights_file(name, path):
             model = _build(name, build)
     if any(p.is_meta for p in model.parameters()):
         model = model.to_empty(device="cpu")
-    _load_state_dict(model, state, path, name)
+    uncounted = {key: torch.tensor(0) for key in model.state_dict() if key.endswith("num_batches_tracked")}
+    _load_state_dict(model, {**uncounted, **state}, path, name)  # files older than BatchNorm's count lack it
     return model, args
+
+
+# DenseNet files of torchvision's (its downloads among them) name two layers of each dense layer
+# `norm.1`, `conv.2`, ...: names a module may no longer have. Its builder renames them; so does this.
+_DENSE_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _renamed_keys(state):
+    renamed = {}
+    for key, value in state.items():
+        found = _DENSE_LAYER_KEY.match(key)
+        renamed[found[1] + found[2] if found else key] = value
+    return renamed
 
 
 def _build(name, build):

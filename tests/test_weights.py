@@ -233,3 +233,16 @@ def test_a_weights_file_is_hashed_once_while_it_stays_the_same(tmp_path, monkeyp
     assert len(reads) == 1  # the duplicates rule, the backbone and the cache key: one read
     path.write_bytes(b"second, longer")  # rewritten: hashed again
     assert weights.file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest() and len(reads) == 2
+
+
+def test_a_densenet_file_with_torchvision_s_old_key_names_loads(tmp_path):
+    """torchvision's DenseNet downloads name layers `norm.1`, `conv.2`, ... (its builder renames them),
+    and, older than BatchNorm's batch counts, have none."""
+    model = get_model("densenet121")
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value
+           for key, value in model.state_dict().items() if not key.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    path = tmp_path / "densenet121-a639ec97.pth"
+    torch.save(old, path)
+    loaded, args = load_weights_file("densenet121", path)
+    assert args == {} and all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
