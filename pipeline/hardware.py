@@ -57,8 +57,8 @@ def resolve_precision(precision, device):
                           f"({resolve_precision('auto', device)} here) unless the codes must match caches made in "
                           f"{precision}", PipelineWarning, stacklevel=2)
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # not is_bf16_supported(): by default it counts emulation (a T4, a V100)
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     return "bf16" if native_cpu_bf16() else "fp32"
 
 

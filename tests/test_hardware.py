@@ -63,3 +63,13 @@ def test_a_cpu_is_described_by_its_model_name_cores_and_threads():
         with open("/proc/cpuinfo") as f:
             names = [line.partition(":")[2].strip() for line in f if line.startswith("model name")]
         assert cpu_name() == (names[0] if names else platform.processor() or platform.machine())
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability, expected):
+    """A T4 (7.5) or V100 (7.0) makes bf16 tensors, so torch.cuda.is_bf16_supported() says yes by default
+    (emulation counts); auto picks fp16 there, where the GPU computes it natively."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", torch.device("cuda", 1)) == expected and asked == [torch.device("cuda", 1)]
