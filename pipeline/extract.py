@@ -102,8 +102,8 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         status = "resumed" if start else "updated" if len(plan.reuse.rows) else "extracted"
         batch_size = batch_size or runner.default_batch_size()
         t0 = time.perf_counter()
-        pairs = runner.codes(table, backbone, plan.layers, plan.todo[start:], precision, batch_size,
-                             draft_size(backbone.transform) if jpeg_draft else None)
+        pairs = _finite(runner.codes(table, backbone, plan.layers, plan.todo[start:], precision, batch_size,
+                                     draft_size(backbone.transform) if jpeg_draft else None), table, precision)
         writer = writer or _create_writer(path, table, backbone, plan)
         failed = _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
         seconds = time.perf_counter() - t0
@@ -207,6 +207,21 @@ def library_versions():
     return {"pipeline": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "h5py": H5PY_VERSION, "numpy": np.__version__,
             "scikit-learn": metadata.version("scikit-learn")}  # not imported: 2 s of start-up here
+
+
+def _finite(pairs, table, precision):
+    """(batch, codes) passed on; codes that are NaN or inf (fp16 overflowing, weights holding NaN) are
+    refused before they reach the cache, where every head would fail on them."""
+    for batch, codes in pairs:
+        decoded = np.array([not failure for failure in batch.failures], dtype=bool)  # the rest are dropped
+        for name, values in codes.items():
+            bad = decoded & ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                why = ("fp16 overflows on some models: use PRECISION=bf16 or fp32" if precision == "fp16" else
+                       "are the weights whole? a file holding NaN gives NaN codes")
+                raise PipelineError(f"{table.ids[batch.rows[np.argmax(bad)]]}: its {name} codes are NaN or inf "
+                                    f"in {precision}; {why}")
+        yield batch, codes
 
 
 def _write_all(pairs, writer, progress, desc):

@@ -72,7 +72,21 @@ class CachedLayer:
 
     def _read_all(self):
         with FeatureCache(self.path) as cache:
-            return cache.features(self.layer)[0]
+            X = cache.features(self.layer)[0]
+        step = max(1, BLOCK_BYTES // (4 * self.d))
+        for lo in range(0, self.n, step):
+            self._refuse_non_finite(lo, X[lo:lo + step])
+        return X
+
+    def _refuse_non_finite(self, lo, X):
+        """NaN or inf codes (fp16 overflow, a damaged file) make every fit fail or guess: refused, by row."""
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            at = self.ids_of(np.array([lo + int(np.argmax(bad))]))[0]
+            raise CacheError(f"{self.path}: layer {self.layer} holds codes that are NaN or inf (first: {at}), which no "
+                             f"head can fit; extract it again with REBUILD=1 (it was made in "
+                             f"{self.attrs.get('precision', 'an unrecorded precision')}; fp16 can overflow: "
+                             "PRECISION=fp32 or bf16)")
 
     def ids_of(self, rows):
         """The ids of `rows` (increasing indices), read from the cache: ids are not kept in memory."""
@@ -90,7 +104,9 @@ class CachedLayer:
             yield from ((lo, self.X[lo:lo + step]) for lo in range(0, self.n, step))
             return
         with FeatureCache(self.path) as cache:
-            yield from cache.blocks(self.layer, self.block_bytes)
+            for lo, X in cache.blocks(self.layer, self.block_bytes):
+                self._refuse_non_finite(lo, X)  # in memory: when read
+                yield lo, X
 
     def scaler(self, *splits):
         """The Scaler of the rows in `splits`, from one pass (float64 sums)."""

@@ -5,13 +5,15 @@ import os
 import h5py
 import numpy as np
 import pytest
+import torch
+from torchvision.models import get_model
 
 from conftest import assert_same_codes, image_folder, write_image
 from test_layouts import balanced, csv_rows, make_pixel_set, write_csv
 from pipeline import backbones
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
-from pipeline.errors import CacheError, IncompleteCacheError, PipelineWarning, StaleCacheError
+from pipeline.errors import CacheError, IncompleteCacheError, PipelineError, PipelineWarning, StaleCacheError
 from pipeline.extract import duplicates_rule, extract_features
 from pipeline.store import FeatureCache, PartialCache, extraction_lock, partial_path
 
@@ -391,3 +393,16 @@ def test_local_only_options_with_the_ray_engine_say_so(given, said):
     from pipeline.extract import open_engine
     with pytest.raises(PipelineError, match=f"{said} is for the local engine.*leave it out with --engine ray"):
         open_engine("ray", **given)  # refused before Ray is imported or joined
+
+
+def test_codes_that_are_nan_are_refused_before_they_reach_the_cache(folder, tmp_path):
+    """Weights holding NaN (or fp16 overflowing) give NaN codes, on which every head fails: stage one stops,
+    naming the image and the likely cause, and writes no cache."""
+    model = get_model("mobilenet_v2")
+    model.features[0][0].weight.data[0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "nan.pth"
+    torch.save(model.state_dict(), weights)
+    with pytest.raises(PipelineError, match=r"^test/blue/0\.png: its avgpool codes are NaN or inf in fp32; are the "
+                                            r"weights whole\?"):
+        run(folder, load_backbone("mobilenet_v2", weights))
+    assert not list((folder.parent.parent / "features").rglob("*.h5"))

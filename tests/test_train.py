@@ -124,3 +124,15 @@ def test_a_class_test_lacks_is_not_scored_as_a_zero(tmp_path, recwarn):
     assert result["test_accuracy"] == 1.0 and result["per_class"][2]["support"] == 0
     assert result["test_macro_f1"] == 1.0  # 0.667 before: emu, neither in test nor predicted, counted as F1 0
     assert not [w for w in recwarn.list if "y_true" in str(w.message)]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("memory_budget", [None, 0])
+def test_codes_that_are_nan_or_inf_are_refused_with_the_image_and_the_remedy(tmp_path, value, memory_budget):
+    """One NaN trained the linear head to chance and an inf failed with torch's own words (audit)."""
+    X, y = blobs()
+    X[7, 3] = value
+    bad = make_cache(tmp_path / "toy" / "vgg16-random.h5", X, y, np.array(FIVE * (len(y) // 5)), ["cat", "dog", "emu"])
+    with pytest.raises(CacheError, match=r"layer fc7 holds codes that are NaN or inf \(first: img7\.png\).*REBUILD=1 "
+                                         r"\(it was made in fp32"):
+        train_head(bad, "fc7", "linear", solver="torch", memory_budget=memory_budget)
