@@ -24,7 +24,8 @@ from PIL import Image
 
 from .errors import DataError, ImageDecodeError
 from .images import load_file, one_line, read_image_bytes
-from .layouts import data_csv_files, pixel_sha256, read_csv_images, read_digits, read_image_folder, read_pixel_csv
+from .layouts import data_csv_files, read_csv_images, read_image_folder
+from .pixel_csv import pixel_sha256, read_digits, read_pixel_csv
 from .sources import is_image_file
 
 LAYOUTS = ("csv", "imagefolder", "pixels", "digits")

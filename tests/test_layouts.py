@@ -153,6 +153,25 @@ def test_imagefolder_own_split_folders_kept(tmp_path):
     assert "stratified" not in table.split_source
 
 
+def test_a_class_folder_named_like_a_split_is_a_class(tmp_path):
+    """Trains among vehicles: `train/` holding images, not class folders, is a class (audit: it was taken for
+    a split folder, and the data set had no images)."""
+    make_folder_set(tmp_path / "vehicles", {"bus": 6, "train": 6, "truck": 6})
+    table = load_dataset("vehicles", tmp_path)
+    assert table.class_names == ["bus", "train", "truck"] and len(table) == 18 and "stratified" in table.split_source
+
+
+def test_class_folders_beside_split_folders_are_refused_not_dropped(tmp_path):
+    root = tmp_path / "xray"
+    make_folder_set(root / "train", {"normal": 6, "sick": 6})
+    make_folder_set(root / "test", {"normal": 3, "sick": 3})
+    make_folder_set(root, {"extra": 4})  # before, left out without a word
+    (root / "empty").mkdir()             # nothing in it: no harm
+    with pytest.raises(DataError, match=r"^\S*xray: class folders \(extra\) beside split folders that hold class "
+                                        r"folders \(test and train\); move each class folder under a split folder"):
+        load_dataset("xray", tmp_path)
+
+
 def test_imagefolder_training_test_folders_carve_val_from_train_only(tmp_path):
     root = tmp_path / "fruit"
     make_folder_set(root / "Training", {"apple": 20, "pear": 20})
