@@ -2,6 +2,7 @@
 (one line that says what to do) or a correct result, never another exception."""
 import csv
 import io
+import json
 import os
 import re
 import string
@@ -88,21 +89,26 @@ shapes = st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)
 
 @SETTINGS
 @given(coef=shapes, intercept=shapes, mean=shapes, scale=shapes, fmt=st.sampled_from([HEAD_FORMAT, "x", None]),
-       dtype=st.sampled_from(["f4", "i8", "S3"]))
-def test_head_loader_checks_every_shape(tmp_path_factory, coef, intercept, mean, scale, fmt, dtype):
+       dtype=st.sampled_from(["f4", "i8", "S3"]), names=st.integers(0, 4), layer=st.sampled_from(["pool", None, 3]))
+def test_head_loader_checks_every_shape(tmp_path_factory, coef, intercept, mean, scale, fmt, dtype, names, layer):
     path = tmp_path_factory.mktemp("h") / "head.h5"
     with h5py.File(path, "w") as h5:
         for key, shape in (("coef", coef), ("intercept", intercept), ("scaler_mean", mean), ("scaler_scale", scale)):
-            h5.create_dataset(key, data=np.zeros(shape, dtype=dtype))
+            h5.create_dataset(key, data=np.ones(shape, dtype=dtype))
         if fmt:
             h5.attrs["format"] = fmt
+        h5.attrs["class_names"] = json.dumps(["a", "b", "c", "d"][:names])
+        if layer is not None:
+            h5.attrs["layer"] = json.dumps(layer)
     try:
-        arrays, _ = read_head(path)
-    except CacheError:
+        arrays, attrs = read_head(path)
+    except CacheError as e:
+        assert "\n" not in str(e)
         return
     k, d = arrays["coef"].shape
     assert all(np.issubdtype(a.dtype, np.number) for a in arrays.values())
     assert k >= 1 and arrays["intercept"].shape == (k,) and arrays["scaler_mean"].shape == (d,)
+    assert len(attrs["class_names"]) == (2 if k == 1 else k) and attrs["layer"] == "pool"
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/abs/outside.png", "link.png"])

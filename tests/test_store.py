@@ -539,7 +539,7 @@ def test_head_round_trip(tmp_path):
     attrs = {"class_names": ["a", "b", "ç"], "layer": "pool", "C": 0.5, "n_train": 70,
              "grid": [{"C": 0.1, "val_accuracy": 0.8}], "dataset": "veh"}
     write_head(path, **arrays, attrs=attrs)
-    assert not path.with_name("h.h5.partial").exists()
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left
     got, got_attrs = read_head(path)
     for key, value in arrays.items():
         np.testing.assert_array_equal(got[key], value)
@@ -605,7 +605,8 @@ def test_attrs_that_look_like_code_are_never_evaluated(tmp_path):
     marker = tmp_path / "pwned"
     code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     path = tmp_path / "h.h5"
-    write_head(path, **head_arrays(), attrs={"note": code, "meta": {"cmd": code}, "list": [code]})
+    write_head(path, **head_arrays(), attrs={"class_names": ["a", "b", "c"], "layer": "pool", "note": code,
+                                             "meta": {"cmd": code}, "list": [code]})
     with h5py.File(path, "r+") as h5:
         h5.attrs["raw"] = "[" + code + "]"          # not JSON: must stay text
         h5.attrs["bytes"] = np.bytes_(code.encode())  # fixed-length bytes attribute
@@ -663,3 +664,32 @@ def test_a_batch_must_hold_codes_of_every_layer_for_each_row(tmp_path):
     with pytest.raises(CacheError, match="3 hashes"):
         writer.append(Batch(writer.todo[:4], None, [""] * 3, [""] * 4), {k: v[:4] for k, v in values.items()})
     assert writer.n_done == 0
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"layer": None}, "lacks its layer or class names"), ({"class_names": None}, "lacks its layer or class names"),
+    ({"class_names": ["a", "b"]}, "3 output rows for 2 class names"),
+    ({"scaler_scale": np.array([1.0, 0.0, 1.0, 1.0, 1.0])}, "scaler_scale holds a value <= 0")])
+def test_a_damaged_head_file_is_refused_in_one_line(tmp_path, damage, says):
+    """A head without its layer or names raised a KeyError; 3 outputs for 2 names, or a scale of 0 (a division
+    by zero), predicted nonsense (audit)."""
+    arrays, attrs = head_arrays(), {"class_names": ["a", "b", "c"], "layer": "pool"}
+    arrays.update({k: v for k, v in damage.items() if k in arrays})
+    attrs.update({k: v for k, v in damage.items() if k in attrs})
+    path = tmp_path / "h.h5"
+    write_head(path, **arrays, attrs={k: v for k, v in attrs.items() if v is not None})
+    with pytest.raises(CacheError, match=rf"^{re.escape(str(path))}: [^\n]*{says}[^\n]*make train-head`$"):
+        read_head(path)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("part", ["class_names", "labels", "split", "layers"])
+def test_a_complete_cache_missing_a_part_is_refused_in_one_line_and_closed(tmp_path, part):
+    path = tmp_path / "m.h5"
+    build_cache(path)
+    with h5py.File(path, "r+") as h5:
+        del (h5.attrs if part == "class_names" else h5)[part]
+    with pytest.raises(CacheError, match=rf"^{re.escape(str(path))}: a damaged cache \([^\n]*\); delete it"):
+        FeatureCache(path)
+    with h5py.File(path, "r+"):  # not left open by the refusal
+        pass

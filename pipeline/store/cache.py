@@ -142,11 +142,16 @@ class FeatureCache:
             self.h5.close()
             raise CacheError(f"{self.path}: not a complete {CACHE_FORMAT} cache ({found}); "
                              "delete it and run `make extract` again")
-        self.attrs = read_attrs(self.h5)
-        self.class_names = self.attrs["class_names"]
-        self.labels = self.h5["labels"][:]
-        self.split = _fixed_width(self.h5["split"])  # numpy str array: a few bytes a row, not a Python str
-        self.layers = list(self.h5["layers"].keys())
+        try:
+            self.attrs = read_attrs(self.h5)
+            self.class_names = self.attrs["class_names"]
+            self.labels = self.h5["labels"][:]
+            self.split = _fixed_width(self.h5["split"])  # numpy str array: a few bytes a row, not a Python str
+            self.layers = list(self.h5["layers"].keys())
+        except (KeyError, TypeError, ValueError) as e:  # marked complete, yet a part is missing: damaged
+            self.h5.close()
+            raise CacheError(f"{self.path}: a damaged cache ({type(e).__name__}: {str(e)[:80]}); "
+                             "delete it and run `make extract` again") from None
 
     @property
     def ids(self):

@@ -24,15 +24,18 @@ def write_head(path, *, coef, intercept, scaler_mean, scaler_scale, attrs):
     """Save a head under a temporary name, then rename it: a head file is always whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coef", data=np.asarray(coef, dtype=np.float32))
-        h5.create_dataset("intercept", data=np.asarray(intercept, dtype=np.float32))
-        h5.create_dataset("scaler_mean", data=np.asarray(scaler_mean, dtype=np.float64))
-        h5.create_dataset("scaler_scale", data=np.asarray(scaler_scale, dtype=np.float64))
-        h5.attrs["format"] = HEAD_FORMAT
-        h5.attrs.update({key: to_attr(value) for key, value in attrs.items()})
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two runs training one head: one file each
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("coef", data=np.asarray(coef, dtype=np.float32))
+            h5.create_dataset("intercept", data=np.asarray(intercept, dtype=np.float32))
+            h5.create_dataset("scaler_mean", data=np.asarray(scaler_mean, dtype=np.float64))
+            h5.create_dataset("scaler_scale", data=np.asarray(scaler_scale, dtype=np.float64))
+            h5.attrs["format"] = HEAD_FORMAT
+            h5.attrs.update({key: to_attr(value) for key, value in attrs.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_head(path):
@@ -54,4 +57,12 @@ def read_head(path):
     if (k == 0 or arrays["intercept"].shape != (k,) or arrays["scaler_mean"].shape != (d,)
             or arrays["scaler_scale"].shape != (d,)):
         raise CacheError(f"{path}: head arrays have inconsistent shapes; {RETRAIN}")
+    if not (arrays["scaler_scale"] > 0).all():
+        raise CacheError(f"{path}: head's scaler_scale holds a value <= 0, which no standardisation has; {RETRAIN}")
+    names, layer = attrs.get("class_names"), attrs.get("layer")
+    if not isinstance(layer, str) or not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CacheError(f"{path}: head file lacks its layer or class names (attributes `layer`, `class_names`); "
+                         f"{RETRAIN}")
+    if len(names) != (2 if k == 1 else k):  # one output row is a binary head
+        raise CacheError(f"{path}: head has {k} output rows for {len(names)} class names; {RETRAIN}")
     return arrays, attrs
