@@ -693,3 +693,19 @@ def test_a_complete_cache_missing_a_part_is_refused_in_one_line_and_closed(tmp_p
         FeatureCache(path)
     with h5py.File(path, "r+"):  # not left open by the refusal
         pass
+
+
+def test_the_finished_cache_is_on_disk_before_its_batches_are_removed(tmp_path, monkeypatch):
+    """h5py's close leaves the file in the OS's cache: after a power cut the batches would be gone and the
+    cache torn. Its data and its name in the folder are flushed first (audit)."""
+    path, events = tmp_path / "m.h5", []
+    writer = interrupted(path, N)
+    sync, remove = os.fsync, partial.shutil.rmtree
+    monkeypatch.setattr(partial.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or sync(fd))
+    monkeypatch.setattr(partial.shutil, "rmtree", lambda folder, **kw: events.append(f"rmtree {folder}") or
+                        remove(folder, **kw))
+    writer.finish({})
+    assert [Path(e).name for e in events[-3:-1]] == ["m.h5.assembling", tmp_path.name]
+    assert events[-1] == f"rmtree {partial_path(path)}"
+    with FeatureCache(path) as cache:
+        assert cache.h5.attrs["complete"]

@@ -95,6 +95,15 @@ def _write_atomically(path, write):
         raise
 
 
+def _fsync(path):
+    """Flush a file's data, or a folder's entries, to the disk (a closed h5py file is only in the OS's cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _pack(strings):
     """Strings -> uint8 [bytes]: UTF-8, each ended by a NUL (which no path, label or reason holds).
     A unicode array would pad every id to the longest (4 bytes a character); this loads without pickle."""
@@ -223,7 +232,9 @@ class PartialCache:
         try:
             with _disk_errors(self.path, "assembling the finished cache"):
                 self._assemble(tmp, attrs)
+                _fsync(tmp)  # on disk, under its name, before the batches it was made of are removed:
                 os.replace(tmp, self.path)
+                _fsync(self.path.parent)  # a power cut then finds the cache, or the batches to resume from
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
