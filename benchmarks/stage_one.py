@@ -197,26 +197,32 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
     return result
 
 
-def vehicles_accuracy(shared, device, batch_size, workers, work, bf16=True):
+def vehicles_accuracy(shared, device, batch_size, workers, work, bf16=True, decode="cpu"):
     """Softmax-head test accuracy on vehicles from an fp32 cache, with torchvision's recipe and the
-    fast one, and (`bf16`) from a bf16 cache (MobileNetV2, real weights), and the cosine of their codes
-    -> {run: accuracy, "reference_cosine": [N], "cosine": [N] (bf16)}, or None without the weights."""
+    fast one, (`bf16`) from a bf16 cache, and (`decode` "device") from an fp32 cache decoded on the device
+    (MobileNetV2, real weights), and the cosine of their codes to the fp32 one's
+    -> {run: accuracy, "reference_cosine": [N], "cosine": [N] (bf16), "device_cosine": [N]}, or None without
+    the weights."""
     weights = Path(shared) / MOBILENET_WEIGHTS
     if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
     accuracy, codes = {}, {}
-    for precision, preprocessing in [("fp32", "fast"), ("fp32", "reference"), *([("bf16", "fast")] if bf16 else [])]:
-        backbone = load_backbone("mobilenet_v2", str(weights), preprocessing=preprocessing)
-        run = precision if preprocessing == "fast" else f"{precision}-{preprocessing}"
+    runs = ["fp32", "fp32-reference", *(["bf16"] if bf16 else []), *(["fp32-device"] if decode == "device" else [])]
+    for run in runs:
+        precision, _, variant = run.partition("-")
+        backbone = load_backbone("mobilenet_v2", str(weights),
+                                 preprocessing="reference" if variant == "reference" else "fast")
         features = Path(work) / f"vehicles-{run}"
         result = extract_features(table, backbone, ["penultimate"], features, device=device, precision=precision,
-                                  batch_size=batch_size, num_workers=workers, progress=False)
+                                  batch_size=batch_size, num_workers=workers, progress=False,
+                                  decode="device" if variant == "device" else "cpu")
         accuracy[run] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
         with FeatureCache(result.path) as cache:
             codes[run] = cache.features(cache.layers[0])[0]
     return {**accuracy, "cosine": cosine(codes["fp32"], codes["bf16"]) if bf16 else None,
-            "reference_cosine": cosine(codes["fp32"], codes["fp32-reference"])}
+            "reference_cosine": cosine(codes["fp32"], codes["fp32-reference"]),
+            "device_cosine": cosine(codes["fp32"], codes["fp32-device"]) if decode == "device" else None}
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +295,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         scores = None
         if accuracy:
             say(f"accuracy: vehicles, MobileNetV2, fp32 caches{' and a bf16 cache' if bf16 else ''}")
-            scores = vehicles_accuracy(shared, device, None, None, work, bf16)
+            scores = vehicles_accuracy(shared, device, None, None, work, bf16, decode)
 
     result = {**setup, "memory_format": "channels_last", "jpeg_draft": True, "device": str(device),
               "images": len(table), "image_sizes": [f"{w}x{h}" for w, h in corpus.SIZES], "jpeg_quality": corpus.QUALITY,

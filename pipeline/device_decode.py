@@ -1,4 +1,4 @@
-"""JPEG decoding where the model runs (nvJPEG on a GPU, through TorchCodec): `--decode device`.
+"""JPEG decoding where the model runs (nvJPEG on a GPU, through TorchCodec or torchvision): `--decode device`.
 
     batches = encoded_batches(source, transform, rows, batch_size, num_workers)
     for batch in decoded_on(device, batches, transform):   # images: uint8 [B, 3, crop, crop] on `device`
@@ -11,9 +11,10 @@ within the decompression-bomb limit) travels as its bytes; anything else (PNG, C
 an MPO, a file that is not an image) is decoded in the worker exactly as on the CPU
 path. Where the model runs, a batch's JPEGs are decoded in one call and resized and
 centre-cropped as torchvision's recipe does, on tensors, with antialiasing. A JPEG the
-decoder refuses is decoded by PIL instead, or skipped with PIL's reason. TorchCodec is
-torchvision's successor for image decoding (torchvision's decoders are deprecated
-since 0.29); it is an optional dependency (`pip install -e '.[gpu]'`).
+decoder refuses is decoded by PIL instead, or skipped with PIL's reason. The decoder is
+TorchCodec's, torchvision's successor for image decoding (an optional dependency, `pip
+install -e '.[gpu]'`), or, where TorchCodec is missing or cannot decode on the device,
+torchvision's own (deprecated since torchvision 0.29).
 """
 import hashlib
 import io
@@ -28,7 +29,7 @@ from .errors import ImageDecodeError, PipelineError
 from .images import check_pixel_count, decode_image, one_line, read_image_bytes
 from .sources import Batch
 
-__all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "plain_jpeg"]
+__all__ = ["encoded_batches", "decoded_on", "check_device_decoding", "jpeg_decoder", "plain_jpeg"]
 
 _ORIENTATION = 0x0112  # the EXIF tag of a photo's turn
 _EOI = b"\xff\xd9"     # the marker a whole JPEG ends with
@@ -36,24 +37,52 @@ DECODE_CHUNK = 32      # JPEGs decoded per call: full-size pictures of a 256-ima
 
 
 def check_device_decoding(transform, device=torch.device("cpu")):
-    """Raise PipelineError unless `--decode device` can run: TorchCodec installed and able to decode on
-    `device` (one tiny JPEG, so that a build without this CUDA fails here, not file by file), and the
-    transform torchvision's resize-and-crop recipe (preprocess.FastClassification)."""
-    try:
-        from torchcodec.decoders import decode_jpeg
-    except ImportError:
-        raise PipelineError("--decode device needs TorchCodec: pip install -e '.[gpu]' "
-                            "(make extract DECODE=device installs it)") from None
+    """Raise PipelineError unless `--decode device` can run: a JPEG decoder that decodes on `device`
+    (jpeg_decoder) and the transform torchvision's resize-and-crop recipe (preprocess.FastClassification)."""
     if not all(hasattr(transform, name) for name in ("crop_box", "resize_size", "crop_size", "normalizer")):
         raise PipelineError(f"--decode device runs torchvision's resize-and-crop recipe, not {transform!r}; "
                             f"use --decode cpu for this model")
+    jpeg_decoder(device)
+
+
+def jpeg_decoder(device):
+    """The first of TorchCodec's decode_jpeg and torchvision's own (deprecated since 0.29, nvJPEG as well) that
+    decodes a tiny JPEG on `device`, so that a build without this CUDA fails here, not file by file
+    -> decode(list of encoded uint8 tensors) -> list of uint8 [3, H, W] on `device`."""
     probe = io.BytesIO()
     Image.new("RGB", (16, 16), (90, 120, 150)).save(probe, "JPEG")
-    try:
-        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode="RGB", device=device)
-    except Exception as e:  # e.g. a TorchCodec built for another CUDA than torch's
-        raise PipelineError(f"TorchCodec cannot decode JPEGs on {device} ({one_line(e)}); install the TorchCodec "
-                            f"build that matches torch's CUDA, or use --decode cpu") from None
+    probe = torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)
+    reasons = []
+    for name, load in (("TorchCodec", _torchcodec_decoder), ("torchvision", _torchvision_decoder)):
+        try:
+            decode = load(device)
+            decode([probe])
+            return decode
+        except ImportError as e:
+            reasons.append(f"{name}: not installed ({one_line(e)})")
+        except Exception as e:  # e.g. a build for another CUDA than torch's, or one without CUDA
+            reasons.append(f"{name}: {one_line(e)}")
+    raise PipelineError(f"no JPEG decoder decodes on {device} ({'; '.join(reasons)}); pip install -e '.[gpu]' "
+                        f"(make extract DECODE=device installs TorchCodec), a TorchCodec build for torch's CUDA, "
+                        f"or --decode cpu")
+
+
+def _torchcodec_decoder(device):
+    from torchcodec.decoders import decode_jpeg
+
+    return lambda datas: list(decode_jpeg(datas, mode="RGB", device=device))
+
+
+def _torchvision_decoder(device):
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(datas):
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's, used first
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    return decode
 
 
 def plain_jpeg(data):
@@ -109,11 +138,12 @@ def encoded_batches(source, transform, rows, batch_size, num_workers):
 
 def decoded_on(device, batches, transform):
     """Yield each Batch of `batches` with its images decoded, resized and cropped on `device`."""
+    decode = jpeg_decoder(device)
     for batch in batches:
-        yield _decode_batch(batch, transform, device)
+        yield _decode_batch(batch, transform, device, decode)
 
 
-def _decode_batch(batch, transform, device):
+def _decode_batch(batch, transform, device, decode):
     crop = transform.crop_size[0]
     images = torch.empty(len(batch), 3, crop, crop, dtype=torch.uint8, device=device)
     jpegs = [k for k, item in enumerate(batch.images) if item.dim() == 1]
@@ -122,7 +152,7 @@ def _decode_batch(batch, transform, device):
             images[k] = item.to(device, non_blocking=True)
     for start in range(0, len(jpegs), DECODE_CHUNK):
         chunk = jpegs[start:start + DECODE_CHUNK]
-        for k, picture in zip(chunk, _decode_jpegs([batch.images[k] for k in chunk], device)):
+        for k, picture in zip(chunk, _decode_jpegs([batch.images[k] for k in chunk], device, decode)):
             if isinstance(picture, ImageDecodeError):
                 images[k], batch.sha256[k], batch.failures[k] = 0, "", str(picture) or "cannot decode"
             else:
@@ -131,23 +161,19 @@ def _decode_batch(batch, transform, device):
     return batch
 
 
-def _decode_jpegs(datas, device):
+def _decode_jpegs(datas, device, decode):
     """Encoded JPEGs -> per JPEG, uint8 [3, H, W] on `device`, or the ImageDecodeError why it cannot be."""
-    from torchcodec.decoders import decode_jpeg
-
     if not datas:
         return []
     try:
-        return list(decode_jpeg(datas, mode="RGB", device=device))  # one call for the batch
+        return decode(datas)  # one call for the batch
     except RuntimeError:  # one bad file fails the whole call: decode them one by one
-        return [_decode_one(data, device) for data in datas]
+        return [_decode_one(data, device, decode) for data in datas]
 
 
-def _decode_one(data, device):
-    from torchcodec.decoders import decode_jpeg
-
+def _decode_one(data, device, decode):
     try:
-        return decode_jpeg(data, mode="RGB", device=device)
+        return decode([data])[0]
     except RuntimeError:
         try:
             image = decode_image(data.numpy().tobytes())  # PIL decodes what the decoder refused, or says why not

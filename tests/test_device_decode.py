@@ -1,5 +1,6 @@
 """device_decode.py: JPEGs decoded where the model runs (`--decode device`). The same code runs here
-on the CPU (TorchCodec's CPU decoder) as on a GPU (nvJPEG); the CUDA test runs where torch sees one.
+on the CPU (TorchCodec's or torchvision's CPU decoder) as on a GPU (nvJPEG); the CUDA tests run where
+torch sees one.
 Pixels and codes against the CPU path, bad files skipped with the CPU path's reasons, one bad JPEG
 never failing its batch, the cache key, predict decoding as the cache did, the errors."""
 import io
@@ -18,16 +19,28 @@ from pipeline.backbones import load_backbone
 from pipeline.codes import iter_codes
 from pipeline import device_decode
 from pipeline.device_decode import check_device_decoding, plain_jpeg
+from pipeline.datasets import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.extract import open_engine
+from pipeline.extract import extract_features, open_engine
 from pipeline.heads import LinearHead
 from pipeline.predict import codes_of_files
 from pipeline.sources import ImageFiles
 from pipeline.store import FeatureCache
 from pipeline.train import train_head
 
-pytest.importorskip("torchcodec", reason="--decode device needs TorchCodec (pip install -e '.[gpu]'; make test installs it)")
 CPU = torch.device("cpu")
+CUDA_HERE = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA GPU; none here")
+
+
+@pytest.fixture(params=["torchcodec", "torchvision"])
+def decoder(request, monkeypatch):
+    """Each decoder the pipeline may use: TorchCodec's where installed, torchvision's as if it were not."""
+    if request.param == "torchcodec":
+        pytest.importorskip("torchcodec", reason="TorchCodec is not installed (pip install -e '.[gpu]'; make test "
+                                                 "installs it)")
+    else:
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +102,7 @@ def test_plain_jpeg_is_what_the_decoder_may_take(monkeypatch):
 
 @pytest.mark.parametrize("chunk", [32, 3])  # JPEGs per decoding call: the whole batch, or chunks of it
 def test_bad_files_are_skipped_with_the_cpu_paths_reasons_and_good_ones_decode_alike(odd_files, backbone, chunk,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, decoder):
     monkeypatch.setattr(device_decode, "DECODE_CHUNK", chunk)
     on_device, device_failures, device_sha = codes_and_failures(odd_files, backbone, "device")
     on_cpu, cpu_failures, cpu_sha = codes_and_failures(odd_files, backbone, "cpu")
@@ -101,7 +114,7 @@ def test_bad_files_are_skipped_with_the_cpu_paths_reasons_and_good_ones_decode_a
     assert similarity.min() > 0.9999 and (1 - similarity).max() < 0.01 * (1 - other).min()
 
 
-def test_one_bad_jpeg_does_not_fail_its_batch(tmp_path, backbone):
+def test_one_bad_jpeg_does_not_fail_its_batch(tmp_path, backbone, decoder):
     good = jpeg_bytes(seed=1)
     paths = [tmp_path / f"{k}.jpg" for k in range(4)]
     for k, path in enumerate(paths):
@@ -110,7 +123,7 @@ def test_one_bad_jpeg_does_not_fail_its_batch(tmp_path, backbone):
     assert [bool(f) for f in failures] == [False, False, True, False]
 
 
-def test_pixels_match_the_cpu_recipe(tmp_path, backbone):
+def test_pixels_match_the_cpu_recipe(tmp_path, backbone, decoder):
     """Full decode, resize and centre crop on tensors against PIL's one resize of the crop box."""
     from pipeline.device_decode import decoded_on, encoded_batches
     paths = [write_jpeg(tmp_path / f"{k}.jpg", size, seed=k) for k, size in enumerate([(1024, 768), (500, 375),
@@ -146,20 +159,25 @@ def test_device_decoding_says_what_it_needs(monkeypatch):
     assert "for the local engine" in one_line_error(invoke("extract", "--engine", "ray", "--decode", "device"))
     with pytest.raises(PipelineError, match="unknown decode 'gpu'"):
         open_engine("local", decode="gpu")
+    pytest.importorskip("torchcodec", reason="TorchCodec is not installed (make test installs it)")
     import torchcodec.decoders
+    import torchvision.io
 
     def no_cuda_here(*args, **kwargs):
         raise RuntimeError("this build has no CUDA")
     monkeypatch.setattr(torchcodec.decoders, "decode_jpeg", no_cuda_here)  # as a build for another CUDA
-    with pytest.raises(PipelineError, match="cannot decode JPEGs on cpu .*this build has no CUDA.*--decode cpu"):
+    assert device_decode.jpeg_decoder(CPU)  # torchvision's decodes instead
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_cuda_here)
+    with pytest.raises(PipelineError, match="no JPEG decoder decodes on cpu .TorchCodec: this build has no CUDA; "
+                                            "torchvision: this build has no CUDA.*--decode cpu"):
         check_device_decoding(load_backbone("resnet18", "none").transform)
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if TorchCodec were not installed
-    with pytest.raises(PipelineError, match=r"pip install -e '\.\[gpu\]'"):
+    with pytest.raises(PipelineError, match=r"TorchCodec: not installed.*pip install -e '\.\[gpu\]'"):
         check_device_decoding(load_backbone("resnet18", "none").transform)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA GPU; none here")
-def test_nvjpeg_decodes_as_the_cpu_decoder(odd_files, backbone):
+@CUDA_HERE
+def test_nvjpeg_decodes_as_the_cpu_decoder(odd_files, backbone, decoder):
     from pipeline.device_decode import decoded_on, encoded_batches
     rows = np.arange(len(odd_files))
     [on_gpu] = decoded_on(torch.device("cuda"), encoded_batches(odd_files, backbone.transform, rows, 32, 0),
@@ -168,6 +186,23 @@ def test_nvjpeg_decodes_as_the_cpu_decoder(odd_files, backbone):
     assert on_gpu.failures == on_cpu.failures and on_gpu.images.device.type == "cuda"
     difference = (on_gpu.images.cpu().float() - on_cpu.images.float()).abs()
     assert difference.mean() < 1.0
+
+
+@CUDA_HERE
+def test_a_gpu_cache_decoded_on_the_gpu_matches_one_decoded_on_the_cpu(photos, tmp_path, decoder):
+    """The whole extract on the GPU (fp32), each way of decoding: the same rows, sha256 and failures, and
+    codes within cosine 0.9999 image by image."""
+    backbone = load_backbone("mobilenet_v2", "none")
+    caches = {}
+    for decode in ("cpu", "device"):
+        result = extract_features(load_dataset(photos.name, photos.parent), backbone, ["penultimate"],
+                                  tmp_path / decode, device="cuda", precision="fp32", batch_size=8, num_workers=2,
+                                  progress=False, decode=decode)
+        with FeatureCache(result.path) as cache:
+            caches[decode] = cache.ids, cache.sha256, cache.features(cache.layers[0])[0]
+    (ids, sha, on_cpu), (device_ids, device_sha, on_device) = caches["cpu"], caches["device"]
+    assert list(ids) == list(device_ids) and list(sha) == list(device_sha)
+    assert cosine(on_cpu, on_device).min() > 0.9999
 
 
 def test_sweep_decodes_on_the_device_when_asked(photos, tmp_path):
