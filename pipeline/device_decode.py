@@ -55,7 +55,7 @@ def jpeg_decoder(device):
     reasons = []
     for name, load in (("TorchCodec", _torchcodec_decoder), ("torchvision", _torchvision_decoder)):
         try:
-            decode = load(device)
+            decode = _after_queued_work(load(device), device)
             decode([probe])
             return decode
         except ImportError as e:
@@ -65,6 +65,21 @@ def jpeg_decoder(device):
     raise PipelineError(f"no JPEG decoder decodes on {device} ({'; '.join(reasons)}); pip install -e '.[gpu]' "
                         f"(make extract DECODE=device installs TorchCodec), a TorchCodec build for torch's CUDA, "
                         f"or --decode cpu")
+
+
+def _after_queued_work(decode, device):
+    """`decode`, called once the work queued on the caller's CUDA stream has run. nvJPEG's hardware engine
+    (on an A100, H100, H200) writes its output before that work runs, into memory the caching allocator
+    handed out as free once the work was queued: the codes of earlier images came out wrong (on an H200,
+    MobileNetV2 codes at cosine 0.16 to the CPU's), as in torchvision#9606 and torchcodec#1634."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return decode
+
+    def after_queued_work(datas):
+        torch.cuda.current_stream(device).synchronize()
+        return decode(datas)
+    return after_queued_work
 
 
 def _torchcodec_decoder(device):
@@ -152,11 +167,15 @@ def _decode_batch(batch, transform, device, decode):
             images[k] = item.to(device, non_blocking=True)
     for start in range(0, len(jpegs), DECODE_CHUNK):
         chunk = jpegs[start:start + DECODE_CHUNK]
+        pictures = {}  # (height, width) -> {k: uint8 [3, H, W]}: one resize per size, not per picture
         for k, picture in zip(chunk, _decode_jpegs([batch.images[k] for k in chunk], device, decode)):
             if isinstance(picture, ImageDecodeError):
                 images[k], batch.sha256[k], batch.failures[k] = 0, "", str(picture) or "cannot decode"
             else:
-                images[k] = F.center_crop(F.resize(picture, list(transform.resize_size), antialias=True), [crop])
+                pictures.setdefault(tuple(picture.shape[1:]), {})[k] = picture
+        for same_size in pictures.values():
+            resized = F.resize(torch.stack(list(same_size.values())), list(transform.resize_size), antialias=True)
+            images[list(same_size)] = F.center_crop(resized, [crop])
     batch.images = images
     return batch
 

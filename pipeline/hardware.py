@@ -80,17 +80,23 @@ def default_batch_size(device):
     return 256 if device.type == "cuda" else 32
 
 
-def default_workers(device):
-    """Decoding processes: on a GPU cores (at most 8), decoding while it computes; on CPU none.
+MAX_GPU_WORKERS = 32  # each holds PREFETCH_BATCHES batches of decoded images (38 MB at 256 x 224 x 224)
 
-    On CPU the forward pass's threads already fill every core, and a decoder beside them stalls
-    the whole pass (a preempted thread holds the others up at each barrier), so batches are
-    decoded between forward passes by one thread per core (codes.image_batches); the README's
-    bench section has the measurements.
+
+def default_workers(device):
+    """Decoding processes: on a GPU every core but the one feeding it (at most MAX_GPU_WORKERS), decoding
+    while it computes; on CPU none.
+
+    On a GPU the model outruns any number of CPU decoders, so each core decodes (the README's GPU
+    bench: 8 workers against 15 on 16 cores). On CPU the forward pass's threads already fill every
+    core, and a decoder beside them stalls the whole pass (a preempted thread holds the others up at
+    each barrier), so batches are decoded between forward passes by one thread per core
+    (codes.image_batches); the README's bench section has the measurements.
     """
     if device.type == "cpu":
         return 0
-    return min(8, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_GPU_WORKERS, cores - 1))
 
 
 def describe_device(device):

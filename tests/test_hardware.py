@@ -1,4 +1,6 @@
 """hardware.py: device and precision policy."""
+import os
+
 import pytest
 import torch
 
@@ -51,7 +53,10 @@ def test_devices_and_their_defaults(monkeypatch):
     with pytest.raises(PipelineError, match="unknown DEVICE 'gpu0'"):
         resolve_device("gpu0")
     gpu = torch.device("cuda")
-    assert default_batch_size(gpu) == 256 and 1 <= default_workers(gpu) <= 8
+    assert default_batch_size(gpu) == 256
+    for cores, workers in [(1, 1), (2, 1), (16, 15), (96, 32)]:  # every core but the one feeding the GPU
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        assert default_workers(gpu) == workers
 
 
 def test_a_cpu_is_described_by_its_model_name_cores_and_threads():
