@@ -6,7 +6,7 @@
 
 Reads only the result JSON that `train.train_head` writes next to each head
 (store.results.HeadResult), the sweeps' records and each cache's identity (a head
-whose cache was made again of other data or codes is stale); nothing is unpickled
+whose cache was made again of other data, splits or codes is stale); nothing is unpickled
 and torch is never imported. The best run of a data set is the one with the highest *validation*
 accuracy among runs that are not stale, on trained weights (random weights are a
 floor, chosen only when there is nothing else; ties: a sweep's chosen layer, then the
@@ -54,24 +54,29 @@ def collect_runs(features_dir):
     if not runs:
         why = f" ({len(warnings)} unusable; {warnings[0][9:]})" if warnings else ""
         raise PipelineError(f"no trained heads under {features_dir}/*/heads{why}; run `make train-head` first")
-    warnings += [f"warning: {cache} was made again, of other data or codes, after these heads were trained on it: "
-                 f"{', '.join(heads)}; they are marked stale and not chosen as best: train them again"
+    warnings += [f"warning: {cache} was made again, of other data, splits or codes, after these heads were trained "
+                 f"on it: {', '.join(heads)}; they are marked stale and not chosen as best: train them again"
                  for cache, heads in stale.items()]
     return sorted(runs, key=sort_key), warnings
 
 
 def _made_again_since(result, path, identity):
     """Whether the cache a head was trained on was made again after, of other data, splits or codes (an update, a
-    rebuild with other settings): its numbers are of something else. The cache is looked for beside the heads
-    folder, then where the result says; results written before `cache_key` are compared by date.
-    `identity`: store.read_cache_identity, read once per cache."""
+    rebuild with other settings, a rebuild that drew the splits again): its numbers are of something else. The
+    cache is looked for beside the heads folder, then where the result says. Results written before `split_key`
+    compare the rows of each split, those before `cache_key` the dates. `identity`: store.read_cache_identity,
+    read once per cache."""
     name = Path(str(result.get("cache")))
     found = identity(Path(path).parent.parent / name.name) or identity(name)
     if found is None:
         return False
-    created, key = found
+    created, key, splits, sizes = found
     if isinstance(result.get("cache_key"), str):
-        return key != result["cache_key"]
+        if key != result["cache_key"]:
+            return True
+        if isinstance(result.get("split_key"), str):
+            return splits != result["split_key"]
+        return any(result[f"n_{split}"] != rows for split, rows in sizes.items())
     try:
         return datetime.fromisoformat(created) > datetime.fromisoformat(str(result.get("created")))
     except (TypeError, ValueError):

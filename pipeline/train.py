@@ -23,7 +23,7 @@ from .heads import LinearModel, check_head, fit, select_strength
 from .layer_codes import CachedLayer, Scaler
 from .paths import head_paths
 from .probe import FittedHead, select_and_refit
-from .store import codes_key, write_head, write_json
+from .store import codes_key, split_key, write_head, write_json
 
 SPLITS = ("train", "val", "test")
 SOLVERS = ("auto", "torch", "sklearn")
@@ -137,7 +137,8 @@ def record(codes, head, fitted, scores, out_dir=None):
         "fit_seconds": round(fitted.fit_seconds, 3),
         "seconds": round(fitted.select_seconds + fitted.fit_seconds + scores["test_seconds"], 3),
         "data_checks": codes.checks,
-        "cache": codes.path, "cache_key": codes_key(attrs.get("settings", {})),  # the data and codes it scored
+        "cache": codes.path, "cache_key": codes_key(attrs.get("settings", {})),  # the data and codes it scored ...
+        "split_key": split_key(codes.split),  # ... and which of them it was trained, chosen and tested on
         "head_file": str(head_file), "extract_images_per_s": attrs.get("images_per_s"),
         "created": datetime.now(timezone.utc).isoformat()}
     write_json(result_file, result)

@@ -155,7 +155,7 @@ def test_extract_train_report_predict(tmp_path):
     write_image(data / "train" / "dark" / "extra.png", color=(20, 20, 20))
     invoke(*extract, "--update")  # one image more: its heads scored another data set
     report = invoke("report", "--features-dir", tmp_path / "features", "--reports-dir", tmp_path / "reports")
-    assert report.output.count("(stale)") == 2 and "was made again, of other data or codes" in report.output
+    assert report.output.count("(stale)") == 2 and "was made again, of other data, splits or codes" in report.output
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, data / "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 6

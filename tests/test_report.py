@@ -244,19 +244,20 @@ def test_the_table_says_how_long_a_head_took_and_what_C_was_chosen_on():
 def test_heads_of_a_cache_made_again_since_are_marked_stale_and_not_chosen(tmp_path):
     """Results name their cache's data and codes (older ones: when they were written); a cache made again of
     other ones (an update, ...) makes their numbers another data set's: marked, warned about, never best."""
-    from pipeline.store import codes_key
-    from test_store import SETTINGS, build_cache
+    from pipeline.store import codes_key, split_key
+    from test_store import SETTINGS, SPLIT, build_cache
     features = tmp_path / "features"
     write_features(features, tmp_path / "data")
     build_cache(features / "toys" / "resnet18-IMAGENET1K_V1.h5", finish_attrs={"created": "2026-01-02T00:00:00+00:00"})
     kept = features / "toys" / "heads" / "resnet18-IMAGENET1K_V1.avgpool.svm.json"
-    kept.write_text(json.dumps({**json.loads(kept.read_text()), "cache_key": codes_key(SETTINGS)}))  # same codes
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "cache_key": codes_key(SETTINGS),
+                               "split_key": split_key(SPLIT)}))  # same codes, same splits
     runs, warnings = collect_runs(features)
     stale = {(r["weights"], r["layer"], r["head"]) for r in runs if r.get("stale")}
     assert stale == {("IMAGENET1K_V1", layer, "softmax") for layer in ("layer2:avg", "layer3:avg", "avgpool")}
     assert [w for w in warnings if "made again" in w] == [
-        "warning: features/toys/resnet18-IMAGENET1K_V1.h5 was made again, of other data or codes, after these heads "
-        "were trained on it: "
+        "warning: features/toys/resnet18-IMAGENET1K_V1.h5 was made again, of other data, splits or codes, after these "
+        "heads were trained on it: "
         "avgpool softmax, layer2:avg softmax, layer3:avg softmax; they are marked stale and not chosen as best: "
         "train them again"]
     assert best_run([r for r in runs if r["dataset"] == "toys"])["head"] == "svm"  # val 0.88, not layer3's 0.90
@@ -267,3 +268,34 @@ def test_heads_of_a_cache_made_again_since_are_marked_stale_and_not_chosen(tmp_p
     write_report(features, tmp_path / "reports", tmp_path / "data")
     md = (tmp_path / "reports" / "report.md").read_text()
     assert md.count("softmax (stale)") == 3 and "## toys" not in md
+
+
+def test_heads_trained_on_splits_a_rebuild_drew_again_are_stale(tmp_path):
+    """A rebuild of the same data and codes that draws the splits again (an earlier update had kept them) scored
+    the heads on another test set: stale. Results written before `split_key` compare the rows of each split."""
+    import numpy as np
+    from pipeline.train import train_head
+    from test_heads import blobs
+    from test_train import FIVE, make_cache
+    X, y = blobs()
+    cache, split = tmp_path / "features" / "toy" / "vgg16-random.h5", np.array(FIVE * (len(y) // 5))
+    make_cache(cache, X, y, split, ["cat", "dog", "emu"], created="2026-01-01T00:00:00+00:00")
+    result = cache.parent / "heads" / "vgg16-random.fc7.softmax.json"
+    train_head(cache, "fc7", "softmax")
+    older = result.with_name("vgg16-random.fc7.svm.json")  # as written before split_key, of the same cache
+    older.write_text(json.dumps({**{k: v for k, v in json.loads(result.read_text()).items() if k != "split_key"},
+                                 "head": "svm"}))
+
+    def stale():
+        cache.unlink()  # made again, as a rebuild does, of the same data and codes: later, the same cache_key
+        make_cache(cache, X, y, split, ["cat", "dog", "emu"], created="2026-02-01T00:00:00+00:00")
+        runs, warnings = collect_runs(tmp_path / "features")
+        return {r["head"] for r in runs if r.get("stale")}, [w for w in warnings if "made again" in w]
+
+    assert stale() == (set(), [])  # the same splits: both heads stand
+    split = np.roll(split, 1)       # each split as large, other images in it
+    assert stale() == ({"softmax"}, [f"warning: {cache} was made again, of other data, splits or codes, after these "
+                                     "heads were trained on it: fc7 softmax; they are marked stale and not chosen "
+                                     "as best: train them again"])
+    split[:5] = "test"              # other sizes: the older result is stale too
+    assert stale()[0] == {"softmax", "svm"}

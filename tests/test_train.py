@@ -14,14 +14,14 @@ from test_heads import blobs
 FIVE = ["train", "train", "train", "val", "test"]
 
 
-def make_cache(path, X, y, split, class_names):
-    """A finished cache of one layer, fc7, holding X."""
+def make_cache(path, X, y, split, class_names, created=None):
+    """A finished cache of one layer, fc7, holding X (made at `created`, an ISO date, when given)."""
     writer = PartialCache.create(path, ids=[f"img{i}.png" for i in range(len(y))], labels=y, split=split,
                                  class_names=class_names, layer_dims={"fc7": (X.shape[1], {"pooling": "none"})},
                                  attrs={"dataset": "toy", "model": "vgg16", "weights": "random",
                                         "settings": {"layers": ["fc7"]}, "penultimate": "fc7", "precision": "fp32"})
     writer.append(Batch(np.arange(len(y)), None, [""] * len(y), [""] * len(y)), {"fc7": X})
-    writer.finish({})
+    writer.finish({"created": created} if created else {})
     return path
 
 

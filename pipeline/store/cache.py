@@ -296,10 +296,25 @@ def codes_key(settings):
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
+def split_key(split):
+    """A digest of each row's split, in row order: equal for caches of the same data (codes_key) that put
+    every image in the same split; a rebuild that draws the splits again differs."""
+    return hashlib.sha256(np.asarray(split, dtype="S8").tobytes()).hexdigest()  # train | val | test: ASCII
+
+
 def read_cache_identity(path):
-    """(when a finished cache was made, codes_key of its settings), or None if it is not there or unreadable."""
-    found = _finished_attrs(path, "created", "settings")
-    return None if found is None else (str(found[0]), codes_key(found[1]))
+    """(when a finished cache was made, codes_key of its settings, split_key of its rows, {split: rows}), or
+    None if it is not there or unreadable."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != CACHE_FORMAT:
+                return None
+            created, settings = (from_attr(h5.attrs[key]) for key in ("created", "settings"))
+            split = _fixed_width(h5["split"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    sizes = {name: int(np.count_nonzero(split == name)) for name in ("train", "val", "test")}
+    return str(created), codes_key(settings), split_key(split), sizes
 
 
 def read_cache_settings(path):

@@ -29,6 +29,7 @@ class _Provenance(TypedDict, total=False):
     select_rows: int       # train rows C was chosen on (fewer than n_train: a stratified subsample)
     streamed: bool         # the layer was read from disk in blocks, not held in memory
     cache_key: str         # store.codes_key of the cache it was trained on: another one there now -> stale
+    split_key: str         # store.split_key of that cache's rows: other splits there now -> stale
     select_seconds: float
     fit_seconds: float
     test_seconds: float
