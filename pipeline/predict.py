@@ -16,6 +16,7 @@ from .backbones import load_backbone
 from .errors import PipelineError, WeightsError
 from .extract import open_engine
 from .heads import LinearHead
+from .layouts import NOT_UTF8
 from .plan import draft_size
 from .sources import ImageFiles, list_images
 
@@ -69,24 +70,38 @@ def codes_of_files(head, files, weights=None, device="auto", batch_size=None, en
 def predict_files(head_file, inputs, out, weights=None, device="auto", batch_size=None, engine="local",
                   compiled=False, **ray_options):
     """Write `path,label,score,skipped` for every image -> (images classified, images skipped).
-    The score is the winner's probability, or for an svm head its margin over the runner-up."""
+    The score is the winner's probability, or for an svm head its margin over the runner-up.
+    A file whose name is not UTF-8 is skipped, not classified: the CSV (UTF-8) shows its name's bytes escaped."""
     head = LinearHead(head_file)
-    files = ImageFiles(list_images(inputs))
+    listed = list_images(inputs)
+    files = ImageFiles([path for path in listed if _utf8(str(path))])
     out, partial = Path(out), _writable(Path(out))
     try:
-        X, failures = codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
+        X, failures = (codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
+                       if len(files) else (np.zeros((0, head.n_features_in_), dtype=np.float32), []))
         score = head.predict_proba(X).max(axis=1) if hasattr(head, "predict_proba") else head.margin(X)
-        labels = head.predict(X)
+        classified = iter(zip(head.predict(X), score, failures))
         with open(partial, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label", "score", "skipped"])
-            for path, label, s, reason in zip(files.ids, labels, score, failures):
-                writer.writerow([path, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
+            for path in map(str, listed):
+                label, s, reason = next(classified) if _utf8(path) else (None, None, NOT_UTF8)
+                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # as extract
+                writer.writerow([shown, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
         partial.replace(out)  # whole, or the file that was there stays
     finally:
         partial.unlink(missing_ok=True)
-    skipped = sum(1 for reason in failures if reason)
-    return len(files) - skipped, skipped
+    skipped = sum(1 for reason in failures if reason) + len(listed) - len(files)
+    return len(listed) - skipped, skipped
+
+
+def _utf8(name):
+    """Whether `name` is valid UTF-8: Python keeps the bytes of one that is not as lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _writable(out):

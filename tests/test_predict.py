@@ -93,3 +93,28 @@ def test_predict_says_where_the_weights_path_it_wants_came_from(tmp_path):
     with pytest.raises(WeightsError, match=r"the head was trained on codes of weights file .*w\.pth, which is not "
                                            r"there; pass WEIGHTS=<its new path>"):
         backbone_for(SimpleNamespace(provenance=made))
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_the_remedy_and_the_rest_are_written(trained, tmp_path):
+    """Linux names are bytes: one that is not UTF-8 reaches Python as surrogates, which a UTF-8 CSV cannot hold."""
+    import os
+    import shutil
+    root, _, result = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(root / "val" / "red" / "0.png", folder / "ok.png")
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
+            f.write((root / "val" / "blue" / "0.png").read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses a file name that is not UTF-8")
+    out = tmp_path / "pred.csv"
+    assert predict_files(result["head_file"], [folder], out, device="cpu") == (1, 1)
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert [(r["path"], r["label"], r["skipped"]) for r in rows] == [
+        (str(folder / "caf\\xe9.png"), "", "file name is not valid UTF-8; rename it"),
+        (str(folder / "ok.png"), "red", "")]
+    (folder / "ok.png").unlink()  # no file left to classify: the one row is still written
+    assert predict_files(result["head_file"], [folder], out, device="cpu") == (0, 1)
+    assert [r["skipped"] for r in csv.DictReader(open(out, encoding="utf-8"))] == [
+        "file name is not valid UTF-8; rename it"]
