@@ -4,17 +4,14 @@
     python benchmarks/stage_one.py --model resnet18 --images 64 --no-accuracy
     python benchmarks/stage_one.py --device cuda --large-factor 100   # a GPU: 38,400 images in the long run
 
-One run, one model, the same images throughout: a corpus made from the vehicles
-JPEGs upscaled to photo sizes (half 500x375, half 1024x768, quality 90), an
-ImageFolder with split folders kept under bench/corpus/ between runs.
+One run, one model, the same images throughout: a corpus made from the vehicles JPEGs upscaled to photo
+sizes (half 500x375, half 1024x768, quality 90), an ImageFolder kept under bench/corpus/ between runs.
 
-    ceiling   the Extractor alone on batches already in memory, prepared as the loop
-              prepares it (BatchNorm folded, channels_last), at its precision and batch
-              size (warm-up excluded; the batches timed again until MIN_TIMED_BATCHES ran,
-              as a GPU's batches are few); measured before, between and after the pipeline runs
-    pipeline  extract_features in a fresh process, image files to a finished HDF5 cache,
-              twice; the ratio is the mean pipeline rate over the mean ceiling, so that
-              drift on a shared machine hits both sides
+    ceiling   the Extractor alone on batches already in memory, prepared as the loop prepares it (BatchNorm
+              folded, channels_last), at its precision and batch size (warm-up excluded; the batches timed
+              again until MIN_TIMED_BATCHES ran); measured before, between and after the pipeline runs
+    pipeline  extract_features in a fresh process, image files to a finished HDF5 cache, twice; the ratio
+              is the mean pipeline rate over the mean ceiling (drift on a shared machine hits both)
     baseline  the tutorial loop: ImageFolder + DataLoader(batch 4, 4 workers), fp32,
               no_grad, Resize/CenterCrop/ToTensor/Normalize, features in a list of arrays,
               in a fresh process, first and again after the long run; the ratio is the mean
@@ -22,9 +19,9 @@ ImageFolder with split folders kept under bench/corpus/ between runs.
     long run  the same on N x --large-factor images (10 N; the same files hard-linked under
               other names), against the ceilings just before and after it
     memory    peak RSS of that fresh `extract` process on N images and on the long run's
-    bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real MobileNetV2
-              weights in --shared) the vehicles softmax test accuracy of an fp32 cache against a
-              bf16 cache; by default only where bf16 runs natively (PRECISION=auto's choice)
+    bf16      cosine of bf16 to fp32 codes on the bench images, and (with the real MobileNetV2 weights
+              in --shared) vehicles softmax test accuracy of an fp32 cache against a bf16 cache (and,
+              with --decode device, one decoded on the device); by default where bf16 runs natively
 
 Prints a table and writes REPORTS_DIR/bench.json. A script, not a test: no figure here is asserted.
 """
@@ -198,25 +195,22 @@ def fresh_extract(root, model, *, weights, device, precision, batch_size, worker
 
 
 def vehicles_accuracy(shared, device, batch_size, workers, work, bf16=True, decode="cpu"):
-    """Softmax-head test accuracy on vehicles from an fp32 cache, with torchvision's recipe and the
-    fast one, (`bf16`) from a bf16 cache, and (`decode` "device") from an fp32 cache decoded on the device
-    (MobileNetV2, real weights), and the cosine of their codes to the fp32 one's
-    -> {run: accuracy, "reference_cosine": [N], "cosine": [N] (bf16), "device_cosine": [N]}, or None without
-    the weights."""
+    """Softmax-head test accuracy on vehicles (MobileNetV2, real weights) from fp32 caches made with the fast
+    recipe and torchvision's, (`bf16`) a bf16 cache, (`decode` "device") an fp32 cache decoded on the device, and
+    their codes' cosine to the first's -> {run: accuracy, "*cosine": [N]}, or None without the weights."""
     weights = Path(shared) / MOBILENET_WEIGHTS
     if not weights.is_file() or not (Path(shared) / "data" / "vehicles").is_dir():
         return None
     table = load_dataset("vehicles", Path(shared) / "data")
     accuracy, codes = {}, {}
-    runs = ["fp32", "fp32-reference", *(["bf16"] if bf16 else []), *(["fp32-device"] if decode == "device" else [])]
+    runs = ["fp32", "fp32-reference"] + ["bf16"] * bool(bf16) + ["fp32-device"] * (decode == "device")
     for run in runs:
-        precision, _, variant = run.partition("-")
-        backbone = load_backbone("mobilenet_v2", str(weights),
-                                 preprocessing="reference" if variant == "reference" else "fast")
+        precision, recipe = run[:4], "reference" if run.endswith("reference") else "fast"
+        backbone = load_backbone("mobilenet_v2", str(weights), preprocessing=recipe)
         features = Path(work) / f"vehicles-{run}"
         result = extract_features(table, backbone, ["penultimate"], features, device=device, precision=precision,
                                   batch_size=batch_size, num_workers=workers, progress=False,
-                                  decode="device" if variant == "device" else "cpu")
+                                  decode="device" if run.endswith("device") else "cpu")
         accuracy[run] = train_head(result.path, "penultimate", "softmax", features / "heads")["test_accuracy"]
         with FeatureCache(result.path) as cache:
             codes[run] = cache.features(cache.layers[0])[0]

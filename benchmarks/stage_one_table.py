@@ -154,8 +154,20 @@ def table_text(r):
                  f"{st['normalise']:.2f} (with decode {st['reference_total']:.2f}); fast: one resize to uint8 "
                  f"{st['fast_resize_crop_to_uint8']:.2f}, collate per batch {st['fast_collate_per_batch']:.2f}, "
                  f"normalise per batch {st['fast_normalise_per_batch']:.2f} (with decode {st['fast_total']:.2f})")
-    lines.append(f"  {'fidelity':<9} codes of the fast recipe against torchvision's: cosine mean {r['fast_cosine_mean']:.6f}, "
-                 f"min {r['fast_cosine_min']:.6f} ({r['fast_cosine_images']} images)")
+    lines += fidelity_lines(r)
+    lines.append(f"  {'start-up':<9} build {r['startup_build_s']:.2f} s, trace {r['startup_trace_s']:.2f} s, prepare "
+                 f"{r['startup_prepare_s']:.2f} s, first batch {r['startup_first_batch_s']:.2f} s (a later batch "
+                 f"{r['steady_batch_s']:.2f} s)")
+    lines.append(f"  ({r['seconds']:.0f} s in all)")
+    return "\n".join(line for line in lines if line is not None)
+
+
+def fidelity_lines(r):
+    """The fast recipe's codes against torchvision's, and on vehicles what the recipe and (when measured)
+    decoding on the device change in accuracy and codes."""
+    lines = []
+    lines.append(f"  {'fidelity':<9} codes of the fast recipe against torchvision's: cosine mean "
+                 f"{r['fast_cosine_mean']:.6f}, min {r['fast_cosine_min']:.6f} ({r['fast_cosine_images']} images)")
     if r["vehicles_softmax_test_acc_fp32_reference"] is not None:
         lines.append(f"  {'':<9} vehicles softmax test accuracy, fp32: fast {r['vehicles_softmax_test_acc_fp32']:.4f}, "
                      f"torchvision's recipe {r['vehicles_softmax_test_acc_fp32_reference']:.4f}; MobileNetV2 codes "
@@ -165,8 +177,4 @@ def table_text(r):
                      f"{r['vehicles_softmax_test_acc_fp32']:.4f}, on the device "
                      f"{r['vehicles_softmax_test_acc_fp32_device']:.4f}; MobileNetV2 codes cosine min "
                      f"{r['vehicles_device_cosine_min']:.6f}")
-    lines.append(f"  {'start-up':<9} build {r['startup_build_s']:.2f} s, trace {r['startup_trace_s']:.2f} s, prepare "
-                 f"{r['startup_prepare_s']:.2f} s, first batch {r['startup_first_batch_s']:.2f} s (a later batch "
-                 f"{r['steady_batch_s']:.2f} s)")
-    lines.append(f"  ({r['seconds']:.0f} s in all)")
-    return "\n".join(line for line in lines if line is not None)
+    return lines
