@@ -118,7 +118,7 @@ def _data_options(f):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=PRECISION, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 on CPU, 256 on GPU.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; cores, at most 8, on GPU).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes (default: none on CPU, where threads decode between forward passes; every core but one, at most 32, on GPU).")
 @_decode_option
 @_compile_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
