@@ -12,7 +12,7 @@ where `train-head --layer auto` and the report find it.
 from .errors import CacheError
 from .extract import extract_features
 from .paths import sweep_record_path
-from .store import read_sweep_record, write_json
+from .store import read_cache_identity, read_sweep_record, sweep_made_before_cache, write_json
 from .train import train_head
 
 CRITERION = "val_accuracy (ties: deeper layer); test never used to choose"
@@ -35,9 +35,11 @@ def run_sweep(table, backbone, features_dir, head="softmax", pooling="avg", on_l
         if on_layer:
             on_layer(results[-1])
     chosen = max(results, key=lambda r: (r["val_accuracy"], r["depth"]))["layer"]
+    _, codes, splits, _ = read_cache_identity(extracted.path)
     write_json(sweep_record_path(extracted.path, head), {
         "cache": str(extracted.path), "head": head, "pooling": pooling, "chosen": chosen, "criterion": CRITERION,
-        "layers": [{k: r[k] for k in ("layer", "dim", "C", "val_accuracy", "test_accuracy")} for r in results]})
+        "layers": [{k: r[k] for k in ("layer", "dim", "C", "val_accuracy", "test_accuracy")} for r in results],
+        "cache_key": codes, "split_key": splits})
     return results, chosen, extracted
 
 
@@ -49,6 +51,11 @@ def chosen_layer(cache_file, head):
                          f"run `make sweep HEAD={head}` with this DATASET, MODEL and WEIGHTS first, "
                          "or give LAYER=<name>")
     try:
-        return read_sweep_record(path)["chosen"]
+        record = read_sweep_record(path)
     except ValueError as e:
         raise CacheError(f"{path}: unusable sweep record ({e}); run `make sweep` again") from None
+    if sweep_made_before_cache(record, path):
+        raise CacheError(f"{path}: the layer sweep chose on {cache_file} before it was made again (other data, splits "
+                         f"or codes); run `make sweep HEAD={head}` with this DATASET, MODEL and WEIGHTS again, "
+                         f"or give LAYER=<name>")
+    return record["chosen"]

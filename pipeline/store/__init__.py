@@ -13,7 +13,8 @@ import h5py
 from .cache import (CACHE_FORMAT, FeatureCache, codes_key, read_cache_identity, read_cache_settings,
                     split_key)
 from .head_file import HEAD_FORMAT, read_head, write_head
-from .results import HEADS, HeadResult, SweepRecord, read_result, read_sweep_record, write_json
+from .results import (HEADS, HeadResult, SweepRecord, read_result, read_sweep_record, sweep_made_before_cache,
+                      write_json)
 from .partial import (PartialCache, Reuse, extraction_lock, partial_path, partial_progress, read_partial_settings,
                       remove_partial)
 
@@ -22,4 +23,5 @@ H5PY_VERSION = h5py.__version__
 __all__ = ["CACHE_FORMAT", "HEAD_FORMAT", "H5PY_VERSION", "HEADS", "FeatureCache", "HeadResult", "PartialCache",
            "Reuse", "SweepRecord", "read_result", "read_sweep_record", "write_json", "codes_key",
            "extraction_lock", "partial_path", "partial_progress", "read_cache_identity", "read_cache_settings",
-           "read_head", "read_partial_settings", "remove_partial", "split_key", "write_head"]
+           "read_head", "read_partial_settings", "remove_partial", "split_key", "sweep_made_before_cache",
+           "write_head"]

@@ -11,9 +11,11 @@ import math
 from pathlib import Path
 from typing import TypedDict, get_type_hints
 
-HEADS = {"svm": "scikit-learn LinearSVC (hinge loss, one-vs-rest)",
-         "softmax": "scikit-learn LogisticRegression (multinomial, lbfgs)",
-         "linear": "torch nn.Linear, cross-entropy, Adam minibatches (GPU when present)"}
+from .cache import read_cache_identity
+
+HEADS = {"svm": "linear SVM, LinearSVC's objective (squared hinge, one-vs-rest); torch L-BFGS or sklearn",
+         "softmax": "multinomial logistic regression, LogisticRegression's objective; torch L-BFGS or sklearn",
+         "linear": "softmax's objective as a torch nn.Linear, minibatch Adam (GPU when present)"}
 
 
 class _Provenance(TypedDict, total=False):
@@ -63,7 +65,7 @@ class HeadResult(_Provenance):
     per_class: list         # [{"class", "precision", "recall", "f1", "support"}]
 
 
-class SweepRecord(TypedDict):
+class SweepRecord(TypedDict, total=False):
     """A layer sweep's choice for one cache and head, made on val accuracy only."""
     cache: str
     head: str
@@ -71,6 +73,8 @@ class SweepRecord(TypedDict):
     chosen: str
     criterion: str
     layers: list            # [{"layer", "dim", "C", "val_accuracy", "test_accuracy"}]
+    cache_key: str          # the cache's codes_key and split_key when it chose (records from 2026-12-04 on)
+    split_key: str
 
 
 _REQUIRED = {key: kind for key, kind in get_type_hints(HeadResult).items() if key in HeadResult.__required_keys__}
@@ -128,3 +132,14 @@ def read_sweep_record(path):
     if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
         raise ValueError("lacks the chosen layer")
     return record
+
+
+def sweep_made_before_cache(record, record_path):
+    """Whether the cache a sweep chose on was made again since, of other data, splits or codes: its choice
+    is of something else. The cache is looked for beside the record, then where the record says; records
+    written before they kept the cache's keys, and caches not found, are taken as current."""
+    if not isinstance(record.get("cache_key"), str):
+        return False
+    cache = Path(str(record.get("cache")))
+    found = read_cache_identity(Path(record_path).with_name(cache.name)) or read_cache_identity(cache)
+    return found is not None and (found[1], found[2]) != (record["cache_key"], record.get("split_key"))
