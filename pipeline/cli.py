@@ -278,7 +278,8 @@ def predict(head_file, inputs, out, weights, device, batch_size, compiled, engin
     check_engine_options(engine, device, compiled=compiled)
     n, skipped = predict_files(head_file, inputs, out, weights=weights, device=device, batch_size=batch_size,
                                engine=engine, compiled=compiled, ray_address=ray_address, ray_data=ray_data)
-    click.echo(f"classified {n} images -> {out}" + (f" ({skipped} unreadable, listed with the reason)" if skipped else ""))
+    click.echo(f"classified {n} image{'s' * (n != 1)} -> {out}"
+               + (f" ({skipped} skipped, listed with the reason)" if skipped else ""))
 
 
 @cli.command()

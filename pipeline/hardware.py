@@ -142,6 +142,7 @@ def keep_freed_memory():
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+        trim = (1 << 31) - 1  # mallopt takes a C int: 1 << 31 wrapped to a negative number
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, trim))
     except (OSError, AttributeError):
         return False

@@ -189,7 +189,7 @@ def test_predict_lists_unreadable_files_with_the_reason(tmp_path):
     (photos / "c.png").symlink_to(tmp_path / "gone.png")  # a broken link: a row with its reason too
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
     predicted = invoke("predict", head, photos, "--out", tmp_path / "p.csv", "--device", "cpu")
-    assert predicted.exit_code == 0 and "classified 1 images" in predicted.output and "2 unreadable" in predicted.output
+    assert predicted.exit_code == 0 and "classified 1 image ->" in predicted.output and "2 skipped" in predicted.output
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "path,label,score,skipped"
     assert lines[2] == f"{photos / 'b.png'},,,empty file (0 bytes)"
