@@ -1,6 +1,6 @@
 """sweep.py: the layer chosen on val is kept beside the cache, and chooses nothing once the cache was made
 again (other data, splits or codes): `train-head --layer auto` refuses it and the report ignores it.
-The sweeps on real data are in tests/e2e/test_sweep.py."""
+The sweeps on real data are in tests/e2e/test_sweep_real.py."""
 import json
 
 import pytest
