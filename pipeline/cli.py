@@ -228,7 +228,7 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     from .datasets import load_dataset
     from .extract import check_engine_options, duplicates_rule
     from .report import write_report
-    from .sweep import run_sweep
+    from .sweep import chosen_layer, run_sweep
 
     check_engine_options(engine, device, workers, decode, compiled)
     table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
@@ -241,8 +241,9 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
                                            ray_data=ray_data, decode=decode, compiled=compiled)
     again = (f"DATASET={dataset} MODEL={model}" + ("" if weights == "default" else f" WEIGHTS={weights}")
              + ("" if features_dir == Path("features") else f" FEATURES_DIR={features_dir}"))
-    click.echo(f"{extracted.message}\nchosen on val: {chosen} "
-               f"(`make train-head {again} LAYER=auto HEAD={head}` uses it)")
+    overall = chosen_layer(extracted.path, head)
+    uses = "uses it" if overall == chosen else f"takes {overall}, the best on val of this cache's sweeps (other poolings)"
+    click.echo(f"{extracted.message}\nchosen on val: {chosen} (`make train-head {again} LAYER=auto HEAD={head}` {uses})")
     write_report(features_dir, reports_dir, data_dir)
     click.echo(f"report: {reports_dir / 'index.html'}")
 

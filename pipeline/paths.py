@@ -1,19 +1,20 @@
 """Where every file of the pipeline lives: one rule each, imported by both stages.
 
     FEATURES_DIR/<dataset>/<model>-<weights tag>.h5                        a feature cache
-    FEATURES_DIR/<dataset>/<cache stem>.sweep-<head>.json                   a layer sweep's choice
+    FEATURES_DIR/<dataset>/<cache stem>.sweep-<head>[-<pooling>].json       a layer sweep's choice
     FEATURES_DIR/<dataset>/heads/<cache stem>.<layer>.<head>.h5 / .json     a head and its result
 
 The weights tag names the weights a cache was made with: the torchvision weights
 name (`IMAGENET1K_V1`), `random`, or `file-<sha256[:8]>` for a weights file.
 No torch, no h5py: the report and the CLI use these rules too.
 """
+import glob
 from pathlib import Path
 
 from .errors import PipelineError
 
 __all__ = ["weights_tag", "cache_path", "find_cache", "find_cache_made_with", "head_paths", "sweep_record_path",
-           "result_files", "sweep_record_files"]
+           "sweep_record_paths", "result_files", "sweep_record_files"]
 
 
 def weights_tag(weights, sha256=""):
@@ -74,9 +75,18 @@ def head_paths(cache, layer, head, out_dir=None):
     return folder / f"{stem}.h5", folder / f"{stem}.json"
 
 
-def sweep_record_path(cache, head):
+def sweep_record_path(cache, head, pooling="avg"):
+    """Where a layer sweep of `cache` with `head` keeps its choice: one record per pooling of the spatial
+    taps (avg's name is the one every sweep had before), so that a sweep with another pooling adds to it."""
     cache = Path(cache)
-    return cache.with_name(f"{cache.stem}.sweep-{head}.json")
+    return cache.with_name(f"{cache.stem}.sweep-{head}{'' if pooling == 'avg' else '-' + pooling}.json")
+
+
+def sweep_record_paths(cache, head):
+    """The sweep records of `cache` with `head` that exist, avg's first."""
+    cache = Path(cache)
+    others = sorted(cache.parent.glob(f"{glob.escape(cache.stem)}.sweep-{head}-*.json"))
+    return [path for path in [sweep_record_path(cache, head), *others] if path.exists()]
 
 
 def result_files(features_dir):

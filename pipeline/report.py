@@ -25,7 +25,7 @@ from .checks import count
 from .errors import PipelineError
 from .paths import result_files, sweep_record_files, weights_tag
 from .plots import plot_confusion, plot_depth, thumbnail_strip
-from .store import read_cache_identity, read_result, read_sweep_record, sweep_made_before_cache
+from .store import read_cache_identity, read_result, read_sweep_record, sweep_made_before_cache, sweeps_choice
 
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
@@ -84,16 +84,17 @@ def _made_again_since(result, path, identity):
 
 
 def _sweep_choices(features_dir):
-    """{(cache, head): the layer its sweep chose}, from the readable sweep records of caches not made again since."""
-    choices = {}
+    """{(cache, head): the layer its sweeps chose (store.sweeps_choice)}, from the readable sweep records of
+    caches not made again since."""
+    records = {}
     for path in sweep_record_files(features_dir):
         try:
             record = read_sweep_record(path)
         except ValueError:
             continue
         if not sweep_made_before_cache(record, path):  # a choice on an older cache chooses nothing now
-            choices[(str(record.get("cache")), str(record.get("head")))] = record["chosen"]
-    return choices
+            records.setdefault((str(record.get("cache")), str(record.get("head"))), []).append(record)
+    return {key: sweeps_choice(found) for key, found in records.items()}
 
 
 def run_weights_tag(run):

@@ -14,7 +14,7 @@ from .cache import (CACHE_FORMAT, FeatureCache, codes_key, read_cache_identity, 
                     split_key)
 from .head_file import HEAD_FORMAT, read_head, write_head
 from .results import (HEADS, HeadResult, SweepRecord, read_result, read_sweep_record, sweep_made_before_cache,
-                      write_json)
+                      sweeps_choice, write_json)
 from .partial import (PartialCache, Reuse, extraction_lock, partial_path, partial_progress, read_partial_settings,
                       remove_partial)
 
@@ -24,4 +24,4 @@ __all__ = ["CACHE_FORMAT", "HEAD_FORMAT", "H5PY_VERSION", "HEADS", "FeatureCache
            "Reuse", "SweepRecord", "read_result", "read_sweep_record", "write_json", "codes_key",
            "extraction_lock", "partial_path", "partial_progress", "read_cache_identity", "read_cache_settings",
            "read_head", "read_partial_settings", "remove_partial", "split_key", "sweep_made_before_cache",
-           "write_head"]
+           "sweeps_choice", "write_head"]

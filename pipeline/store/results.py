@@ -143,3 +143,15 @@ def sweep_made_before_cache(record, record_path):
     cache = Path(str(record.get("cache")))
     found = read_cache_identity(Path(record_path).with_name(cache.name)) or read_cache_identity(cache)
     return found is not None and (found[1], found[2]) != (record["cache_key"], record.get("split_key"))
+
+
+def sweeps_choice(records):
+    """The layer chosen among the sweeps of one cache and head (one record per pooling), on val only: the
+    best val accuracy of their chosen layers; ties: the deeper, then the first record."""
+    best_score, best = None, None
+    for record in records:
+        order = {row.get("layer"): (row.get("val_accuracy", -1.0), k) for k, row in enumerate(record.get("layers", []))}
+        score = order.get(record["chosen"], (-1.0, -1))
+        if best_score is None or score > best_score:
+            best_score, best = score, record["chosen"]
+    return best
