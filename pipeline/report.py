@@ -46,7 +46,7 @@ def collect_runs(features_dir):
         except ValueError as e:
             warnings.append(f"warning: skipped {path}: {e}")
             continue
-        sweep = chosen.get((str(result.get("cache")), result["head"]))
+        sweep = chosen.get((str(Path(path).parent.parent / Path(str(result.get("cache"))).name), result["head"]))
         runs.append({**result, "result_file": str(path), **({"chosen": sweep == result["layer"]} if sweep else {})})
         if _made_again_since(result, path, identity):
             runs[-1]["stale"] = True
@@ -85,7 +85,8 @@ def _made_again_since(result, path, identity):
 
 def _sweep_choices(features_dir):
     """{(cache, head): the layer its sweeps chose (store.sweeps_choice)}, from the readable sweep records of
-    caches not made again since."""
+    caches not made again since. A cache is named by its place under FEATURES_DIR, as a head's result finds it
+    (beside its heads folder), whatever path the sweep and the head were given."""
     records = {}
     for path in sweep_record_files(features_dir):
         try:
@@ -93,7 +94,8 @@ def _sweep_choices(features_dir):
         except ValueError:
             continue
         if not sweep_made_before_cache(record, path):  # a choice on an older cache chooses nothing now
-            records.setdefault((str(record.get("cache")), str(record.get("head"))), []).append(record)
+            cache = Path(path).parent / Path(str(record.get("cache"))).name
+            records.setdefault((str(cache), str(record.get("head"))), []).append(record)
     return {key: sweeps_choice(found) for key, found in records.items()}
 
 

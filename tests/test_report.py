@@ -65,8 +65,9 @@ def make_image_folder(root):
 
 
 def write_features(features, data):
-    """The results of RUNS, and the record of a softmax sweep over the toys resnet18 cache that chose layer3."""
-    sweep = {"cache": "features/toys/resnet18-IMAGENET1K_V1.h5", "head": "softmax", "pooling": "avg",
+    """The results of RUNS, and the record of a softmax sweep over the toys resnet18 cache that chose layer3 (its
+    cache named as another FEATURES_DIR spelled it, /old/features: the cache beside the record is the one)."""
+    sweep = {"cache": "/old/features/toys/resnet18-IMAGENET1K_V1.h5", "head": "softmax", "pooling": "avg",
              "chosen": "layer3:avg", "criterion": "val_accuracy", "layers": []}
     (features / "toys").mkdir(parents=True)
     (features / "toys" / "resnet18-IMAGENET1K_V1.sweep-softmax.json").write_text(json.dumps(sweep))
