@@ -40,7 +40,7 @@ ENGINE_DEPS = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray) $(if $(filter device,$(
 help:
 	@echo "make extract    DATASET=vehicles [MODEL=vgg16] [LAYERS=penultimate] [WEIGHTS=default|none|file.pth] [DATA_DIR=data] [FEATURES_DIR=features] [DEVICE=auto] [PRECISION=auto] [BATCH=..] [WORKERS=..] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1|0] [DECODE=cpu|device] [COMPILE=1] [ENGINE=local|ray] [RAY_ADDRESS=auto|host:port] [RAY_DATA=shared|driver]"
 	@echo "make train-head HEAD=svm|softmax|linear [DATASET=vehicles] [MODEL=..] [WEIGHTS=..] [LAYER=penultimate|auto|name] [FEATURES_DIR=..] [SOLVER=auto|torch|sklearn] [MEMORY_BUDGET=4G: default a quarter of RAM]"
-	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..] [POOLING=avg|max|avgmax|gridK] [DROP_DUPLICATES=1|0] [COMPILE=1]  (every standard tap; choose the layer on val)"
+	@echo "make sweep      DATASET=.. MODEL=.. [HEAD=softmax] [WEIGHTS=..] [POOLING=avg|max|avgmax|gridK] [UPDATE=1|REBUILD=1] [DROP_DUPLICATES=1|0] [COMPILE=1]  (every standard tap; choose the layer on val)"
 	@echo "make report     [FEATURES_DIR=features] [REPORTS_DIR=reports]"
 	@echo "make predict    HEAD_FILE=features/<dataset>/heads/<...>.h5 INPUTS='photos/' [OUT=predictions.csv] [WEIGHTS=..: if moved] [BATCH=..] [COMPILE=1]"
 	@echo "make taps       MODEL=resnet50"
@@ -79,7 +79,7 @@ train-head: venv
 
 sweep: venv $(ENGINE_DEPS)
 	$(CLI) sweep --dataset $(DATASET) --model $(or $(MODEL),vgg16) --weights $(or $(WEIGHTS),default) --head $(HEAD) \
-	  $(call opt,--pooling,$(POOLING)) $(DUPLICATES_OPT) --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
+	  $(call opt,--pooling,$(POOLING)) $(if $(UPDATE),--update) $(if $(REBUILD),--rebuild) $(DUPLICATES_OPT) --data-dir $(DATA_DIR) --features-dir $(FEATURES_DIR) --reports-dir $(REPORTS_DIR) --device $(DEVICE) \
 	  --precision $(PRECISION) $(call opt,--batch-size,$(BATCH)) $(call opt,--workers,$(WORKERS)) --decode $(DECODE) $(if $(COMPILE),--compile) \
 	  $(ENGINE_OPTS)
 

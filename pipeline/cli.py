@@ -102,6 +102,17 @@ def _duplicates_option(f):
                              "update.")(f)
 
 
+def _refresh_options(f):
+    f = click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")(f)
+    return click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, "
+                                                      "keep the rest.")(f)
+
+
+def _check_refresh(update, rebuild):
+    if update and rebuild:
+        raise click.UsageError("--update and --rebuild exclude each other: choose one")
+
+
 def _data_options(f):
     f = click.option("--data-dir", type=PATH, default=Path("data"), show_default=True, help="Folder holding data sets.")(f)
     f = click.option("--features-dir", type=PATH, default=Path("features"), show_default=True, help="Where caches go.")(f)
@@ -122,8 +133,7 @@ def _data_options(f):
 @_decode_option
 @_compile_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--update", is_flag=True, help="The data set changed: extract only new and changed images, keep the rest.")
-@click.option("--rebuild", is_flag=True, help="Start the cache over, whatever is there.")
+@_refresh_options
 @_duplicates_option
 @_engine_options
 @_data_options
@@ -134,8 +144,7 @@ def extract(dataset, model, layers, weights, device, precision, batch_size, work
     from .datasets import load_dataset
     from .extract import check_engine_options, duplicates_rule, extract_features
 
-    if update and rebuild:
-        raise click.UsageError("--update and --rebuild exclude each other: choose one")
+    _check_refresh(update, rebuild)
     check_engine_options(engine, device, workers, decode, compiled)
     table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
                                                                             drop_duplicates))
@@ -217,11 +226,12 @@ def train_head(head, dataset, model, weights, layer, solver, memory_budget, quie
 @_compile_option
 @click.option("--reports-dir", type=PATH, default=Path("reports"), show_default=True)
 @click.option("--quiet", is_flag=True)
+@_refresh_options
 @_duplicates_option
 @_engine_options
 @_data_options
 def sweep(dataset, model, weights, head, pooling, device, precision, batch_size, workers, decode, compiled, reports_dir,
-          quiet, drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
+          quiet, update, rebuild, drop_duplicates, engine, ray_address, ray_data, data_dir, features_dir):
     """Extract every standard tap, train HEAD on each, choose the layer on val, write the report."""
     _threads_sleep_when_waiting()  # its heads run in this process, after the forward passes
     from .backbones import load_backbone
@@ -230,6 +240,7 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     from .report import write_report
     from .sweep import chosen_layer, run_sweep
 
+    _check_refresh(update, rebuild)
     check_engine_options(engine, device, workers, decode, compiled)
     table = load_dataset(dataset, data_dir, drop_duplicates=duplicates_rule(features_dir, dataset, model, weights,
                                                                             drop_duplicates))
@@ -237,7 +248,8 @@ def sweep(dataset, model, weights, head, pooling, device, precision, batch_size,
     show = lambda r: click.echo(f"  {r['layer']:<20} {r['dim']:>6}-D  val {r['val_accuracy']:.4f}  test {r['test_accuracy']:.4f}")
     results, chosen, extracted = run_sweep(table, backbone, features_dir, head, pooling, on_layer=show, device=device,
                                            precision=precision, batch_size=batch_size, num_workers=workers,
-                                           progress=not quiet, engine=engine, ray_address=ray_address,
+                                           progress=not quiet, update=update, rebuild=rebuild, engine=engine,
+                                           ray_address=ray_address,
                                            ray_data=ray_data, decode=decode, compiled=compiled)
     again = (f"DATASET={dataset} MODEL={model}" + ("" if weights == "default" else f" WEIGHTS={weights}")
              + ("" if features_dir == Path("features") else f" FEATURES_DIR={features_dir}"))

@@ -66,7 +66,7 @@ def plan_extraction(path, table, layers, settings, resolve, update=False, rebuil
         if not update and not rule:
             raise StaleCacheError(
                 f"{path}: the data set changed since this cache was made ({change}); run again with --update "
-                "(make extract UPDATE=1) to extract only new and changed images and keep the rest, "
+                "(UPDATE=1 to make extract or make sweep) to extract only new and changed images and keep the rest, "
                 "or --rebuild (REBUILD=1) to start over")
         if more:
             return fresh(union, f"{change}; more layers asked for, so rebuilding {path}; ")

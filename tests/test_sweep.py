@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import invoke
+from conftest import invoke, one_line_error, write_jpeg
 from test_codes import photos  # noqa: F401 (a fixture)
 from pipeline.errors import CacheError
 from pipeline.paths import sweep_record_path, sweep_record_paths
@@ -72,3 +72,16 @@ def test_sweeps_with_two_poolings_keep_a_record_each_and_auto_takes_the_best_on_
     records[0]["split_key"] = "0" * 64  # avg's sweep chose on a cache made again since: only max's counts
     paths[0].write_text(json.dumps(records[0]))
     assert chosen_layer(cache, "softmax") == last_max
+
+
+def test_a_sweep_on_a_changed_data_set_says_how_to_update_and_updates(photos, tmp_path):
+    sweep = ["sweep", "--dataset", photos.name, "--data-dir", photos.parent, "--model", "mobilenet_v3_small",
+             "--weights", "none", "--device", "cpu", "--quiet", "--features-dir", tmp_path / "features",
+             "--reports-dir", tmp_path / "reports"]
+    assert invoke(*sweep).exit_code == 0
+    write_jpeg(photos / "train" / "a" / "new.jpg", (640, 480), seed=7)
+    error = one_line_error(invoke(*sweep))
+    assert "data set changed" in error and "--update (UPDATE=1 to make extract or make sweep)" in error
+    assert "exclude each other" in invoke(*sweep, "--update", "--rebuild").output
+    updated = invoke(*sweep, "--update")
+    assert updated.exit_code == 0 and "updating" in updated.output and "1 new" in updated.output, updated.output
