@@ -8,12 +8,13 @@ have given them: the same engine as extract (this process, or a Ray cluster), ov
 `ImageFiles`.
 """
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .backbones import load_backbone
-from .errors import PipelineError, WeightsError
+from .errors import PipelineError, PipelineWarning, WeightsError
 from .extract import open_engine
 from .heads import LinearHead
 from .layouts import NOT_UTF8
@@ -73,6 +74,10 @@ def predict_files(head_file, inputs, out, weights=None, device="auto", batch_siz
     The score is the winner's probability, or for an svm head its margin over the runner-up.
     A file whose name is not UTF-8 is skipped, not classified: the CSV (UTF-8) shows its name's bytes escaped."""
     head = LinearHead(head_file)
+    if head.provenance.get("weights") == "random":
+        warnings.warn(f"{head_file}: trained on codes of {head.provenance.get('model')} with random weights "
+                      "(WEIGHTS=none): its labels test the pipeline and classify nothing; train it on codes of "
+                      "pretrained weights", PipelineWarning, stacklevel=2)
     listed = list_images(inputs)
     files = ImageFiles([path for path in listed if _utf8(str(path))])
     out, partial = Path(out), _writable(Path(out))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import image_folder, invoke, one_line_error, write_image
+from pipeline.errors import PipelineWarning
 
 DARK_LIGHT = {"dark": (30, 30, 30), "light": (230, 230, 230)}
 
@@ -188,7 +189,8 @@ def test_predict_lists_unreadable_files_with_the_reason(tmp_path):
     (photos / "b.png").write_bytes(b"")
     (photos / "c.png").symlink_to(tmp_path / "gone.png")  # a broken link: a row with its reason too
     head = next((tmp_path / "features" / "shapes" / "heads").glob("*.h5"))
-    predicted = invoke("predict", head, photos, "--out", tmp_path / "p.csv", "--device", "cpu")
+    with pytest.warns(PipelineWarning, match=r"with random weights \(WEIGHTS=none\): its labels test the pipeline"):
+        predicted = invoke("predict", head, photos, "--out", tmp_path / "p.csv", "--device", "cpu")
     assert predicted.exit_code == 0 and "classified 1 image ->" in predicted.output and "2 skipped" in predicted.output
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "path,label,score,skipped"
