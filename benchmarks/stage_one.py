@@ -31,14 +31,11 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline.backbones import load_backbone
 from pipeline.codes import image_batches, prepare_model
@@ -56,6 +53,7 @@ import corpus  # noqa: E402
 from corpus import make_corpus, repeat_corpus  # noqa: E402
 from measure import MOBILENET_WEIGHTS, cosine, cpu_times, cpu_use, in_fresh_process, machine, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
+from tutorial_loop import fresh_baseline  # noqa: E402
 from stage_one_table import bf16_figures, memory_figures, speed_figures, table_text, targets  # noqa: E402
 
 IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
@@ -126,44 +124,6 @@ def bf16_cosine(backbone, batches, codes, device, precision):
     return cosine(have["fp32"], have["bf16"]), count
 
 
-def baseline(root, model, weights, device, batch_size=4, workers=4):
-    """The tutorial loop, faithfully -> its rate. ImageFolder per split, DataLoader(batch 4, 4 workers),
-    fp32, torch.no_grad(), Resize(256)/CenterCrop(224)/ToTensor/Normalize, a freshly loaded model with
-    its last Linear replaced by Identity (penultimate features), each batch appended to a list as numpy.
-    It must run before anything else in its process (prepare_model changes how memory is allocated):
-    fresh_baseline runs it in a new one."""
-    from torchvision import datasets, transforms
-
-    preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    data = ConcatDataset([datasets.ImageFolder(root / split, preprocess)
-                          for split in ("train", "val", "test") if (root / split).is_dir()])
-    model = load_backbone(model, weights).model
-    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
-    parent, _, child = last.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    model = model.to(device).eval()
-    features = []
-    t0 = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*worker processes in total")  # 4 on 2 cores, as tutorials do
-        for inputs, _ in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
-            features.append(model(inputs.to(device)).cpu().numpy())
-    seconds = time.perf_counter() - t0
-    return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
-            "dim": int(np.concatenate(features).shape[1])}
-
-
-def fresh_baseline(root, model, weights, device):
-    """baseline() as the first thing in a new process -> its result."""
-    return in_fresh_process("stage_one", "child_baseline", root=str(root), model=model, weights=weights,
-                            device=str(device))
-
-
-def child_baseline(root, model, weights, device):
-    return baseline(Path(root), model, weights, torch.device(device))
-
-
 def child_extract(data_dir, name, model, weights, features_dir, device, precision, batch_size, workers,
                   engine="local", ray_address=None, decode="cpu", compiled=False):
     """One `extract` as a user runs it (called in a fresh process) -> its rate and peak RSS."""
@@ -180,16 +140,16 @@ def child_extract(data_dir, name, model, weights, features_dir, device, precisio
 
 
 def fresh_extract(root, model, *, weights, device, precision, batch_size, workers, work, decode="cpu",
-                  compiled=False):
-    """child_extract in a new process, cache removed first; the memory of its decode workers sampled
-    only when it has some (each sample walks the process's page tables: a cost to the run being timed
-    that the ceiling does not pay)."""
+                  compiled=False, sample_memory=False):
+    """child_extract in a new process, cache removed first; with `sample_memory`, the memory of it and its
+    decode workers sampled while it runs (each sample walks the processes' page tables and stalls them: only
+    in runs that are not timed)."""
     features = Path(work) / f"features-{root.name}"
     shutil.rmtree(features, ignore_errors=True)
     result = in_fresh_process("stage_one", "child_extract", data_dir=str(root.parent), name=root.name, model=model,
                               weights=weights, features_dir=str(features), device=str(device),
                               precision=precision, batch_size=batch_size, workers=workers, decode=decode,
-                              compiled=compiled, sample_memory=bool(workers))
+                              compiled=compiled, sample_memory=sample_memory)
     shutil.rmtree(features, ignore_errors=True)
     return result
 
@@ -286,6 +246,12 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"]) if bf16 else (None, 0)
         del batches
         small_memory = speed["smalls"][0] if large_model == model else fresh_extract(root, large_model, work=work, **run)
+        big_memory = speed["big"]
+        if setup["workers"]:  # sampled apart: each sample stalls the processes it walks, so never in a timed run
+            say("memory: both extracts again, untimed, their decode workers' memory sampled")
+            sampled = [fresh_extract(r, large_model, work=work, sample_memory=True, **run) for r in (root, large)]
+            small_memory, big_memory = ({**timed, "tree_pss_mb": s["tree_pss_mb"]}
+                                        for timed, s in zip((small_memory, big_memory), sampled))
         scores = None
         if accuracy:
             say(f"accuracy: vehicles, MobileNetV2, fp32 caches{' and a bf16 cache' if bf16 else ''}")
@@ -297,7 +263,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               "machine": machine(device),
               **speed_figures(speed["tops"], speed["smalls"], speed["bases"],
                               speed["big"] if large_model == model else None, speed["tops_large"]),
-              **memory_figures(small_memory, speed["big"], large_model),
+              **memory_figures(small_memory, big_memory, large_model),
               **bf16_figures(similarity, compared, scores), "bf16_not_measured": unmeasured, **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
               "seconds": round(time.perf_counter() - started, 1)}

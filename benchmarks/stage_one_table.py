@@ -45,7 +45,7 @@ def memory_figures(small, big, large_model):
             "rss_growth": round(big["maxrss_mb"] / small["maxrss_mb"] - 1, 4),
             "rss_images_small": small["images"], "rss_images_large": big["images"], "rss_model": large_model,
             "rss_what": "peak RSS (VmHWM) of a fresh extract process; tree_pss: it and its decode workers, sampled "
-                        "(only when it has some)",
+                        "in an untimed run of the same extract (only when it has workers)",
             "tree_pss_small_mb": small.get("tree_pss_mb") and round(small["tree_pss_mb"], 1),
             "tree_pss_large_mb": big.get("tree_pss_mb") and round(big["tree_pss_mb"], 1)}
 

@@ -134,13 +134,14 @@ def test_ceiling_times_at_least_min_timed_batches_and_returns_the_codes_of_one_p
     np.testing.assert_array_equal(codes["codes"], np.array([[2.0] * 4] * 3 + [[0.0] * 4] * 2))
 
 
-def test_decode_workers_memory_sampled_only_when_there_are_some(fake_shared, tmp_path, small_sizes):
-    """Sampling PSS walks the child's page tables (it slows what is timed): only runs with workers pay it."""
+def test_decode_workers_memory_is_sampled_only_in_runs_that_are_not_timed(fake_shared, tmp_path, small_sizes):
+    """Sampling PSS walks the processes' page tables and stalls them: a timed run never samples; the bench
+    samples the workers' memory in a run of its own."""
     root = bench.make_corpus(fake_shared, tmp_path / "corpus", 8)
-    run = dict(weights="none", device="cpu", precision="fp32", batch_size=4, work=tmp_path)
-    with_workers = bench.fresh_extract(root, "mobilenet_v3_small", workers=1, **run)
-    assert with_workers["tree_pss_mb"] > 0 and with_workers["images"] == 8
-    assert "tree_pss_mb" not in bench.fresh_extract(root, "mobilenet_v3_small", workers=0, **run)
+    run = dict(weights="none", device="cpu", precision="fp32", batch_size=4, work=tmp_path, workers=1)
+    timed = bench.fresh_extract(root, "mobilenet_v3_small", **run)
+    assert "tree_pss_mb" not in timed and timed["images"] == 8
+    assert bench.fresh_extract(root, "mobilenet_v3_small", sample_memory=True, **run)["tree_pss_mb"] > 0
 
 
 def test_a_steps_cpu_use_splits_the_machines_time_between_it_the_host_and_other_processes():
