@@ -6,9 +6,8 @@
         ...
 
 A DataLoader decodes and transforms the rows of an image source into `Batch`
-records: in worker processes while a GPU computes (chunks of a few images each,
-joined into batches) or, on CPU, by one thread per core between forward passes
-(see hardware.default_workers). An image that cannot
+records: in worker processes while a GPU computes or, on CPU, by one thread per
+core between forward passes (see hardware.default_workers). An image that cannot
 be decoded runs as zeros and carries its reason in `batch.failures`. The backbone
 runs every requested layer in one forward pass (eval, inference_mode, BatchNorm
 folded, channels_last, autocast at the precision; with `compiled`, torch.compile's
@@ -34,8 +33,7 @@ from .sources import Batch
 
 __all__ = ["iter_codes", "image_batches", "prepare_model", "forward", "Compiled", "check_compiler"]
 
-PREFETCH_BATCHES = 4  # per worker: chunks it decodes ahead
-DECODE_CHUNK = 32     # images a decoding process hands over at a time: a batch is joined from its chunks
+PREFETCH_BATCHES = 4  # per worker
 
 
 class SourceRows(Dataset):
@@ -91,50 +89,13 @@ def stack_images(images):
 
 
 def image_batches(source, transform, rows, device, batch_size, num_workers, draft=None):
-    """Batch records for `rows` of `source`, in order: decoded in `num_workers` processes while the model
-    runs, or with none by one thread per core when the next batch is asked for; in pinned memory on a GPU
-    so the copy overlaps compute. The processes decode chunks of DECODE_CHUNK images, joined into batches
-    here: a batch of 256 is ready when its chunks are, decoded side by side, and what waits in flight is
-    chunks, not whole batches per process."""
-    pin = device.type == "cuda"
-    if not num_workers:
-        dataset = SourceRows(source, transform, rows, draft, threads=os.cpu_count() or 1)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=to_batch, pin_memory=pin)
-    chunks = DataLoader(SourceRows(source, transform, rows, draft), batch_sampler=chunk_sampler(len(rows), batch_size),
-                        num_workers=num_workers, collate_fn=to_batch, prefetch_factor=PREFETCH_BATCHES)
-    return joined(chunks, len(rows), batch_size, pin)
-
-
-def chunk_sampler(n, batch_size):
-    """Positions 0..n-1 as chunks of at most DECODE_CHUNK, each within one batch of `batch_size`."""
-    return [list(chunk) for start in range(0, n, batch_size)
-            for chunk in np.array_split(np.arange(start, min(start + batch_size, n)),
-                                        -(-min(batch_size, n - start) // DECODE_CHUNK))]
-
-
-def joined(chunks, n, batch_size, pin=False):
-    """Chunks of batches (chunk_sampler's, in order) -> the batches, each in one tensor (pinned with `pin`)."""
-    parts, sizes = [], iter([min(batch_size, n - start) for start in range(0, n, batch_size)])
-    size = next(sizes, 0)
-    for chunk in chunks:
-        parts.append(chunk)
-        if sum(map(len, parts)) == size:
-            yield join_batches(parts, pin)
-            parts, size = [], next(sizes, 0)
-
-
-def join_batches(parts, pin=False):
-    """Batch records -> one, its pixels copied once into a new tensor (page-locked with `pin`), channels_last
-    kept when the parts have it."""
-    pixels = [part.images.permute(0, 2, 3, 1) for part in parts]  # [B, H, W, 3] views of channels_last images
-    if all(p.is_contiguous() for p in pixels):
-        out = torch.empty((sum(map(len, pixels)), *pixels[0].shape[1:]), dtype=pixels[0].dtype, pin_memory=pin)
-        images = torch.cat(pixels, out=out).permute(0, 3, 1, 2)
-    else:
-        images = torch.cat([part.images for part in parts])
-        images = images.pin_memory() if pin else images
-    return Batch(np.concatenate([part.rows for part in parts]), images, [d for part in parts for d in part.sha256],
-                 [f for part in parts for f in part.failures])
+    """A DataLoader of Batch records for `rows` of `source`, in order: decoded in `num_workers`
+    processes while the model runs, or with none by one thread per core when the next batch is
+    asked for; in pinned memory on a GPU so the copy overlaps compute."""
+    threads = 1 if num_workers else os.cpu_count() or 1
+    return DataLoader(SourceRows(source, transform, rows, draft, threads), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=to_batch, pin_memory=device.type == "cuda",
+                      prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
 def prepare_model(model, device, compiled_for=None, precision="fp32"):

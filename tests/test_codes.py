@@ -145,24 +145,6 @@ def test_batches_from_decoding_processes_keep_the_channels_last_layout(tmp_path)
     assert torch.equal(batch.images, torch.stack([transform(ImageFiles(files).load(k)[0]) for k in range(4)]))
 
 
-def test_decoding_processes_hand_over_chunks_joined_into_the_batches_in_order(tmp_path, monkeypatch):
-    """Each process decodes a few images at a time (what waits in flight stays small); the batches the model
-    gets are whole, in order, their rows, pixels, digests and failures side by side."""
-    from pipeline import codes
-    monkeypatch.setattr(codes, "DECODE_CHUNK", 3)
-    assert codes.chunk_sampler(10, 7) == [[0, 1, 2], [3, 4], [5, 6], [7, 8, 9]]  # no chunk across two batches
-    files = [write_image(tmp_path / f"{k}.png", size=(300 + k, 240)) for k in range(10)]
-    files[4].write_bytes(b"not an image")
-    source, transform = ImageFiles(files), load_backbone("resnet18", "none").transform
-    batches = list(codes.image_batches(source, transform, np.arange(10), torch.device("cpu"), 7, num_workers=2))
-    assert [len(b) for b in batches] == [7, 3] and np.concatenate([b.rows for b in batches]).tolist() == list(range(10))
-    assert all(b.images.is_contiguous(memory_format=torch.channels_last) for b in batches)
-    expected = codes.to_batch(codes.SourceRows(source, transform, np.arange(10)).__getitems__(range(10)))
-    assert torch.equal(torch.cat([b.images for b in batches]), expected.images)
-    assert sum((b.sha256 for b in batches), []) == expected.sha256 and expected.sha256[4] == ""
-    assert sum((b.failures for b in batches), []) == expected.failures and expected.failures[4]
-
-
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])  # every conv folded; bare convs and a Linear
 def test_weights_cast_once_give_autocasts_codes_and_leave_the_backbone_alone(name):
     from pipeline.codes import prepare_model
