@@ -250,13 +250,21 @@ def _split_folders(root, subdirs):
     return splits
 
 
+def escaped_name(name):
+    """None when `name` is valid UTF-8; else its bytes escaped (`\\xNN`), as the skipped rows show it. A name
+    that is not UTF-8 on disk comes back from the file system with surrogate escapes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
+
+
 def _list_folder_image(listing, root, path, label, split):
     """Add one image of a class folder to the listing, or to its skipped rows."""
     rel = path.relative_to(root).as_posix()
-    try:
-        rel.encode("utf-8")  # a name that is not UTF-8 on disk comes back with surrogate escapes
-    except UnicodeEncodeError:
-        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown = escaped_name(rel)
+    if shown is not None:
         listing.skipped.append((shown, NOT_UTF8))
         return
     stamp, reason = _file_stamp(path)

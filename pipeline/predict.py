@@ -17,7 +17,7 @@ from .backbones import load_backbone
 from .errors import PipelineError, PipelineWarning, WeightsError
 from .extract import open_engine
 from .heads import LinearHead
-from .layouts import NOT_UTF8
+from .layouts import NOT_UTF8, escaped_name
 from .plan import draft_size
 from .sources import ImageFiles, list_images
 
@@ -79,7 +79,8 @@ def predict_files(head_file, inputs, out, weights=None, device="auto", batch_siz
                       "(WEIGHTS=none): its labels test the pipeline and classify nothing; train it on codes of "
                       "pretrained weights", PipelineWarning, stacklevel=2)
     listed = list_images(inputs)
-    files = ImageFiles([path for path in listed if _utf8(str(path))])
+    escaped = [escaped_name(str(path)) for path in listed]  # None: a UTF-8 name, classified
+    files = ImageFiles([path for path, shown in zip(listed, escaped) if shown is None])
     out, partial = Path(out), _writable(Path(out))
     try:
         X, failures = (codes_of_files(head, files, weights, device, batch_size, engine, compiled, **ray_options)
@@ -89,24 +90,14 @@ def predict_files(head_file, inputs, out, weights=None, device="auto", batch_siz
         with open(partial, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label", "score", "skipped"])
-            for path in map(str, listed):
-                label, s, reason = next(classified) if _utf8(path) else (None, None, NOT_UTF8)
-                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # as extract
-                writer.writerow([shown, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
+            for path, shown in zip(map(str, listed), escaped):
+                label, s, reason = next(classified) if shown is None else (None, None, NOT_UTF8)
+                writer.writerow([shown or path, "", "", reason] if reason else [path, label, f"{s:.6f}", ""])
         partial.replace(out)  # whole, or the file that was there stays
     finally:
         partial.unlink(missing_ok=True)
     skipped = sum(1 for reason in failures if reason) + len(listed) - len(files)
     return len(listed) - skipped, skipped
-
-
-def _utf8(name):
-    """Whether `name` is valid UTF-8: Python keeps the bytes of one that is not as lone surrogates."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _writable(out):

@@ -25,7 +25,8 @@ from .checks import count
 from .errors import PipelineError
 from .paths import result_files, sweep_record_files, weights_tag
 from .plots import plot_confusion, plot_depth, thumbnail_strip
-from .store import read_cache_identity, read_result, read_sweep_record, sweep_made_before_cache, sweeps_choice
+from .store import (cache_identity_in, read_cache_identity, read_result, read_sweep_record,
+                    sweep_made_before_cache, sweeps_choice)
 
 RUN_FIELDS = ("dataset", "model", "weights", "weights_sha256", "layer", "depth", "pooling", "head", "dim",
               "n_train", "n_val", "n_test", "C", "val_accuracy", "test_accuracy", "test_balanced_accuracy",
@@ -38,7 +39,8 @@ CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
 def collect_runs(features_dir):
     """Every usable result under FEATURES_DIR/*/heads/ -> (runs in sort order, warnings). A run is its
     HeadResult plus `result_file` and `chosen` (whether a sweep chose its layer)."""
-    chosen, identity = _sweep_choices(features_dir), functools.lru_cache(maxsize=None)(read_cache_identity)
+    identity = functools.lru_cache(maxsize=None)(read_cache_identity)  # each cache read once
+    chosen = _sweep_choices(features_dir, identity)
     runs, warnings, stale = [], [], {}
     for path in result_files(features_dir):
         try:
@@ -66,8 +68,7 @@ def _made_again_since(result, path, identity):
     cache is looked for beside the heads folder, then where the result says. Results written before `split_key`
     compare the rows of each split, those before `cache_key` the dates. `identity`: store.read_cache_identity,
     read once per cache."""
-    name = Path(str(result.get("cache")))
-    found = identity(Path(path).parent.parent / name.name) or identity(name)
+    found = cache_identity_in(Path(path).parent.parent, result.get("cache"), identity)
     if found is None:
         return False
     created, key, splits, sizes = found
@@ -83,7 +84,7 @@ def _made_again_since(result, path, identity):
         return False
 
 
-def _sweep_choices(features_dir):
+def _sweep_choices(features_dir, identity):
     """{(cache, head): the layer its sweeps chose (store.sweeps_choice)}, from the readable sweep records of
     caches not made again since. A cache is named by its place under FEATURES_DIR, as a head's result finds it
     (beside its heads folder), whatever path the sweep and the head were given."""
@@ -93,7 +94,7 @@ def _sweep_choices(features_dir):
             record = read_sweep_record(path)
         except ValueError:
             continue
-        if not sweep_made_before_cache(record, path):  # a choice on an older cache chooses nothing now
+        if not sweep_made_before_cache(record, path, identity):  # a choice on an older cache chooses nothing now
             cache = Path(path).parent / Path(str(record.get("cache"))).name
             records.setdefault((str(cache), str(record.get("head"))), []).append(record)
     return {key: sweeps_choice(found) for key, found in records.items()}

@@ -13,7 +13,7 @@ import h5py
 from .cache import (CACHE_FORMAT, FeatureCache, codes_key, read_cache_identity, read_cache_settings,
                     split_key)
 from .head_file import HEAD_FORMAT, read_head, write_head
-from .results import (HEADS, HeadResult, SweepRecord, read_result, read_sweep_record, sweep_made_before_cache,
+from .results import (HEADS, HeadResult, SweepRecord, cache_identity_in, read_result, read_sweep_record, sweep_made_before_cache,
                       sweeps_choice, write_json)
 from .partial import (PartialCache, Reuse, extraction_lock, partial_path, partial_progress, read_partial_settings,
                       remove_partial)
@@ -21,7 +21,7 @@ from .partial import (PartialCache, Reuse, extraction_lock, partial_path, partia
 H5PY_VERSION = h5py.__version__
 
 __all__ = ["CACHE_FORMAT", "HEAD_FORMAT", "H5PY_VERSION", "HEADS", "FeatureCache", "HeadResult", "PartialCache",
-           "Reuse", "SweepRecord", "read_result", "read_sweep_record", "write_json", "codes_key",
+           "Reuse", "SweepRecord", "cache_identity_in", "read_result", "read_sweep_record", "write_json", "codes_key",
            "extraction_lock", "partial_path", "partial_progress", "read_cache_identity", "read_cache_settings",
            "read_head", "read_partial_settings", "remove_partial", "split_key", "sweep_made_before_cache",
            "sweeps_choice", "write_head"]

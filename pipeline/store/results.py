@@ -134,14 +134,21 @@ def read_sweep_record(path):
     return record
 
 
-def sweep_made_before_cache(record, record_path):
+def cache_identity_in(folder, cache, identity=read_cache_identity):
+    """read_cache_identity of the cache a result or record names, looked for in `folder` (where it lies when
+    FEATURES_DIR was moved or spelled otherwise), then where `cache` says. `identity`: read_cache_identity,
+    or a memo of it."""
+    name = Path(str(cache))
+    return identity(Path(folder) / name.name) or identity(name)
+
+
+def sweep_made_before_cache(record, record_path, identity=read_cache_identity):
     """Whether the cache a sweep chose on was made again since, of other data, splits or codes: its choice
-    is of something else. The cache is looked for beside the record, then where the record says; records
-    written before they kept the cache's keys, and caches not found, are taken as current."""
+    is of something else. The cache is looked for beside the record (cache_identity_in); records written
+    before they kept the cache's keys, and caches not found, are taken as current."""
     if not isinstance(record.get("cache_key"), str):
         return False
-    cache = Path(str(record.get("cache")))
-    found = read_cache_identity(Path(record_path).with_name(cache.name)) or read_cache_identity(cache)
+    found = cache_identity_in(Path(record_path).parent, record.get("cache"), identity)
     return found is not None and (found[1], found[2]) != (record["cache_key"], record.get("split_key"))
 
 
