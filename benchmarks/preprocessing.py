@@ -11,7 +11,7 @@ import torch
 
 from pipeline.backbones import load_backbone
 from pipeline.codes import prepare_model, stack_images
-from pipeline.hardware import autocast_for
+from pipeline.hardware import autocast_for, collector_skips_existing
 from pipeline.images import decode_image, read_image_bytes
 from pipeline.plan import draft_size
 
@@ -101,19 +101,20 @@ def startup_costs(model, weights, batch, device, precision, compiled=False):
     t0 = time.perf_counter()
     backbone = load_backbone(model, weights)
     built = time.perf_counter()
-    [layer] = backbone.resolve(["penultimate"])
-    extractor = backbone.extractor([layer])
-    traced = time.perf_counter()
-    extractor = prepare_model(extractor, device, len(batch) if compiled else None, precision)
-    prepared = time.perf_counter()
-    times = []
-    with torch.inference_mode(), autocast_for(device, precision):
-        for _ in range(3):
-            t1 = time.perf_counter()
-            extractor(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t1)
+    with collector_skips_existing():  # as extract_features runs it
+        [layer] = backbone.resolve(["penultimate"])
+        extractor = backbone.extractor([layer])
+        traced = time.perf_counter()
+        extractor = prepare_model(extractor, device, len(batch) if compiled else None, precision)
+        prepared = time.perf_counter()
+        times = []
+        with torch.inference_mode(), autocast_for(device, precision):
+            for _ in range(3):
+                t1 = time.perf_counter()
+                extractor(batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t1)
     return {"startup_build_s": round(built - t0, 3), "startup_trace_s": round(traced - built, 3),
             "startup_prepare_s": round(prepared - traced, 3), "startup_first_batch_s": round(times[0], 3),
             "steady_batch_s": round(min(times[1:]), 3)}

@@ -32,7 +32,8 @@ from .codes import check_compiler, iter_codes
 from .device_decode import check_device_decoding
 from .datasets import training_problem
 from .errors import PipelineError, PipelineWarning
-from .hardware import default_batch_size, default_workers, describe_device, resolve_device, resolve_precision
+from .hardware import (collector_skips_existing, default_batch_size, default_workers, describe_device, resolve_device,
+                       resolve_precision)
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
 from .store import (H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, partial_path, read_cache_settings,
@@ -68,6 +69,7 @@ class ExtractResult:
     message: str         # one line for the user
 
 
+@collector_skips_existing()  # a full collection while the model is traced: README, bench
 def extract_features(table, backbone, layer_specs, features_dir, *, device="auto", precision="auto",
                      batch_size=None, num_workers=None, progress=True, jpeg_draft=True, update=False, rebuild=False,
                      engine="local", ray_address=None, ray_data="shared", decode="cpu", compiled=False):

@@ -7,8 +7,10 @@
 Defaults here are measured choices (batch size, decode workers, glibc's allocator);
 the README's bench section has the figures.
 """
+import contextlib
 import ctypes
 import functools
+import gc
 import os
 import platform
 import warnings
@@ -19,7 +21,8 @@ from .errors import PipelineError, PipelineWarning
 from .plan import PRECISIONS
 
 __all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "native_cpu_fp16", "default_batch_size",
-           "default_workers", "describe_device", "cpu_name", "autocast_for", "keep_freed_memory"]
+           "default_workers", "describe_device", "cpu_name", "autocast_for", "keep_freed_memory",
+           "collector_skips_existing"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -146,3 +149,23 @@ def keep_freed_memory():
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, trim))
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def collector_skips_existing():
+    """While the block runs, Python's cyclic garbage collector leaves out every object alive when it
+    began (gc.freeze): the libraries imported (torch, h5py, ...), the model, the data set's table.
+
+    Tracing a model allocates enough to set off a full collection, which walks all of those, a pause
+    on one core that a short extract pays in full (README, bench). Objects made inside the block
+    are collected as usual; the others go back to the collector at its end (gc.unfreeze). Left
+    alone when the caller has frozen objects of its own (a server freezing before it forks).
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -16,6 +16,7 @@ import numpy as np
 from .backbones import load_backbone
 from .errors import PipelineError, PipelineWarning, WeightsError
 from .extract import open_engine
+from .hardware import collector_skips_existing
 from .heads import LinearHead
 from .layouts import NOT_UTF8, escaped_name
 from .plan import draft_size
@@ -45,6 +46,7 @@ def backbone_for(head, weights=None):
     return backbone
 
 
+@collector_skips_existing()  # as extract: no full collection while the model is traced
 def codes_of_files(head, files, weights=None, device="auto", batch_size=None, engine="local", compiled=False,
                    **ray_options):
     """Codes of the head's layer for every file, as its cache made them -> (X [N, D], failures [N]).

@@ -1,5 +1,6 @@
 """Stage one: the cache it writes, cache hits, stale caches, resume, and that every
 execution path (precision, batch size, workers) gives the same codes."""
+import gc
 import os
 
 import h5py
@@ -10,7 +11,7 @@ from torchvision.models import get_model
 
 from conftest import assert_same_codes, image_folder, write_image
 from test_layouts import balanced, csv_rows, make_pixel_set, write_csv
-from pipeline import backbones
+from pipeline import backbones, extract
 from pipeline.backbones import load_backbone
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, IncompleteCacheError, PipelineError, PipelineWarning, StaleCacheError
@@ -61,6 +62,14 @@ def test_data_a_head_would_refuse_is_warned_of_before_extraction(folder, backbon
     one = image_folder(folder.parent / "one", {"red": COLORS["red"]})
     with pytest.warns(PipelineWarning, match=r"one: one class only \(red\); a classifier needs at least two"):
         run(one, backbone)
+
+
+def test_the_model_is_traced_with_the_objects_alive_before_left_out_of_the_collector(folder, backbone,
+                                                                                    monkeypatch):
+    frozen, plan = [], extract.plan_extraction
+    monkeypatch.setattr(extract, "plan_extraction", lambda *a, **k: frozen.append(gc.get_freeze_count()) or plan(*a, **k))
+    assert run(folder, backbone).status == "extracted"
+    assert frozen[0] > 0 and gc.get_freeze_count() == 0
 
 
 def test_same_request_is_a_cache_hit(folder, backbone):

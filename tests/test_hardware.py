@@ -1,12 +1,14 @@
 """hardware.py: device and precision policy."""
+import gc
 import os
+import weakref
 
 import pytest
 import torch
 
 from pipeline.errors import PipelineError, PipelineWarning
-from pipeline.hardware import (cpu_name, default_batch_size, default_workers, describe_device, resolve_device,
-                               resolve_precision)
+from pipeline.hardware import (collector_skips_existing, cpu_name, default_batch_size, default_workers,
+                               describe_device, resolve_device, resolve_precision)
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -78,3 +80,36 @@ def test_auto_precision_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve_precision("auto", torch.device("cuda", 1)) == expected and asked == [torch.device("cuda", 1)]
+
+
+class Cycle:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self):
+        self.itself = self
+
+
+def test_the_collector_skips_the_objects_alive_before_the_block_and_collects_the_new_ones():
+    old = Cycle()
+    old_ref = weakref.ref(old)
+    with collector_skips_existing():
+        del old
+        new = Cycle()
+        new_ref = weakref.ref(new)
+        del new
+        gc.collect()
+        assert old_ref() is not None and new_ref() is None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old_ref() is None  # handed back to the collector at the end
+
+
+def test_a_callers_own_freeze_is_left_as_it_is():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collector_skips_existing():
+            pass
+        assert gc.get_freeze_count() == frozen > 0
+    finally:
+        gc.unfreeze()
