@@ -45,7 +45,7 @@ class SourceRows(Dataset):
 
     def __init__(self, source, transform, rows, draft=None, threads=1):
         self.source, self.transform, self.rows, self.draft, self.threads = source, transform, rows, draft, threads
-        self._blank = None
+        self._blank, self._pool = None, None
 
     def __len__(self):
         return len(self.rows)
@@ -65,11 +65,16 @@ class SourceRows(Dataset):
         return self._blank
 
     def __getitems__(self, ks):
-        """One batch (the DataLoader asks for batches this way); PIL and torch release the GIL."""
+        """One batch (the DataLoader asks for batches this way); PIL and torch release the GIL. The threads
+        are kept from one batch to the next: threads made anew for each batch decoded slower (README, bench)."""
         if self.threads <= 1:
             return [self[k] for k in ks]
-        with ThreadPoolExecutor(self.threads) as pool:
-            return list(pool.map(self.__getitem__, ks))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        return list(self._pool.map(self.__getitem__, ks))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}  # a copy for a worker process makes threads of its own
 
 
 def to_batch(items):

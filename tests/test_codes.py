@@ -145,6 +145,22 @@ def test_batches_from_decoding_processes_keep_the_channels_last_layout(tmp_path)
     assert torch.equal(batch.images, torch.stack([transform(ImageFiles(files).load(k)[0]) for k in range(4)]))
 
 
+def test_decoding_threads_are_kept_from_batch_to_batch_and_left_out_of_a_copy(tmp_path):
+    """Between forward passes one thread per core decodes a batch; the same threads decode the next one,
+    and a copy of the rows (a worker process's) starts without them."""
+    import copy
+    from pipeline.codes import SourceRows
+    files = [write_image(tmp_path / f"{k}.png", size=(300 + k, 240)) for k in range(6)]
+    transform = load_backbone("resnet18", "none").transform
+    rows = SourceRows(ImageFiles(files), transform, np.arange(6), threads=2)
+    first = rows.__getitems__([0, 1, 2])
+    pool = rows._pool
+    later = rows.__getitems__([3, 4, 5])
+    assert pool is not None and rows._pool is pool and copy.copy(rows)._pool is None
+    assert [item[0] for item in first + later] == list(range(6))
+    assert all(torch.equal(item[1], transform(ImageFiles(files).load(k)[0])) for k, item in enumerate(first + later))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])  # every conv folded; bare convs and a Linear
 def test_weights_cast_once_give_autocasts_codes_and_leave_the_backbone_alone(name):
     from pipeline.codes import prepare_model
