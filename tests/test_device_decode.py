@@ -145,8 +145,8 @@ def test_device_decoding_is_part_of_the_cache_key_and_predict_follows_it(photos,
     head = LinearHead(train_head(result.path, "penultimate", "softmax")["head_file"])
     with FeatureCache(result.path) as cache:
         ids, cached = cache.ids, cache.features("avgpool")[0]
-    X, _ = codes_of_files(head, ImageFiles([photos / i for i in ids]), device="cpu")
-    assert_same_codes(X, cached, rtol=1e-5)  # decoded as the cache was: its very codes
+    X, _ = codes_of_files(head, ImageFiles([photos / i for i in ids]), device="cpu", batch_size=4)  # as run's
+    assert_same_codes(X, cached, rtol=1e-5)  # decoded as the cache was (in its batches: test_codes): its very codes
     again = run(photos, backbone, decode="cpu")
     assert again.status == "extracted" and "decode" in again.message
 
