@@ -22,7 +22,7 @@ from .plan import PRECISIONS
 
 __all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "native_cpu_fp16", "default_batch_size",
            "default_workers", "describe_device", "cpu_name", "autocast_for", "keep_freed_memory",
-           "collector_skips_existing"]
+           "collector_skips_existing", "cpu_has_amx"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -70,6 +70,12 @@ def native_cpu_bf16():
     has = lambda check: getattr(torch.cpu, check, lambda: False)()  # torch.cpu private checks
     return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
             and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")))
+
+
+def cpu_has_amx():
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later), where torch.compile's fused
+    kernels pay most (README: Compiling the model)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # a torch.cpu private check
 
 
 def native_cpu_fp16():

@@ -72,6 +72,16 @@ def test_the_model_is_traced_with_the_objects_alive_before_left_out_of_the_colle
     assert frozen[0] > 0 and gc.get_freeze_count() == 0
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_a_long_cpu_run_on_an_amx_cpu_is_told_of_compile(folder, backbone, monkeypatch, amx):
+    monkeypatch.setattr(extract, "COMPILE_TIP_ROWS", 10)  # the toy set's 32 images count as long
+    monkeypatch.setattr(extract, "cpu_has_amx", lambda: amx)
+    message = run(folder, backbone, device="cpu").message
+    assert ("this CPU has AMX: on runs this long COMPILE=1 (--compile)" in message) == amx
+    monkeypatch.setattr(extract, "COMPILE_TIP_ROWS", 33)
+    assert "COMPILE=1" not in run(folder, backbone, device="cpu", rebuild=True).message
+
+
 def test_same_request_is_a_cache_hit(folder, backbone):
     first = run(folder, backbone)
     mtime = first.path.stat().st_mtime_ns
