@@ -32,8 +32,8 @@ from .codes import check_compiler, iter_codes
 from .device_decode import check_device_decoding
 from .datasets import training_problem
 from .errors import PipelineError, PipelineWarning
-from .hardware import (collector_skips_existing, cpu_has_amx, default_batch_size, default_workers, describe_device, resolve_device,
-                       resolve_precision)
+from .hardware import (collector_skips_existing, cpu_has_amx, default_batch_size, default_workers, describe_device,
+                       resolve_device, resolve_precision)
 from .paths import cache_path
 from .plan import cache_key, draft_size, plan_extraction
 from .store import (H5PY_VERSION, FeatureCache, PartialCache, extraction_lock, partial_path, read_cache_settings,
