@@ -54,7 +54,8 @@ from corpus import make_corpus, repeat_corpus  # noqa: E402
 from measure import MOBILENET_WEIGHTS, cosine, cpu_times, cpu_use, in_fresh_process, machine, peak_rss_mb  # noqa: E402
 from preprocessing import fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
 from tutorial_loop import fresh_baseline  # noqa: E402
-from stage_one_table import bf16_figures, memory_figures, speed_figures, table_text, targets  # noqa: E402
+from stage_one_table import (bf16_figures, forward_shares, memory_figures, speed_figures, table_text,  # noqa: E402
+                              targets)
 
 IMAGES = 384                       # default N: start-up (~1.3 s) stays under a tenth of the run
 LARGE_FACTOR = 10                  # the long run and the memory run: 10 N images
@@ -267,6 +268,7 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
               **bf16_figures(similarity, compared, scores), "bf16_not_measured": unmeasured, **steps,
               "load_average": {phase: round(load, 2) for phase, load in loads.items()},
               "seconds": round(time.perf_counter() - started, 1)}
+    result["forward_cpu_share"] = forward_shares(result)
     result["targets"] = targets(result)
     Path(reports_dir).mkdir(parents=True, exist_ok=True)
     (Path(reports_dir) / "bench.json").write_text(json.dumps(result, indent=2))

@@ -39,6 +39,21 @@ def cpu_figures(extracts):
     return {f"extract_{key}": [run.get(key) for run in extracts] for key in ("cpu_ms_per_image", "steal", "others")}
 
 
+def forward_shares(result):
+    """On a CPU: the share of each extract's own CPU per image that the forward pass needs at the ceiling's
+    rate (its threads over the ceiling around that extract). With every core busy an extract's ratio to the
+    ceiling is that share: the rest went to decoding, start-up and writing, and a ratio below it is time
+    the cores waited. None on a GPU, where the forward pass runs elsewhere, or without CPU figures."""
+    cpu = result["extract_cpu_ms_per_image"]
+    if result["device"] != "cpu" or not cpu or None in cpu:
+        return None
+    ceilings = [result["ceiling_img_s"]] * len(result["pipeline_runs_img_s"])
+    if result["pipeline_large_img_s"]:
+        ceilings.append(float(np.mean(result["ceiling_large_runs_img_s"])))
+    forward_ms = [1000 * result["machine"]["threads"] / ceiling for ceiling in ceilings]
+    return [round(forward / used, 3) for forward, used in zip(forward_ms, cpu)]
+
+
 def memory_figures(small, big, large_model):
     """Peak memory on N images and on the long run's, both runs with `large_model`."""
     return {"rss_small_mb": round(small["maxrss_mb"], 1), "rss_large_mb": round(big["maxrss_mb"], 1),
@@ -90,9 +105,12 @@ def targets(result):
 def cpu_text(r):
     """The extracts' CPU line: their own CPU per image, and what the host and other processes took meanwhile."""
     share = lambda values: ", ".join("?" if v is None else f"{100 * v:.1f}%" for v in values)
+    shares = r.get("forward_cpu_share")
     return (f"  {'cpu':<9} each extract's own CPU per image "
             f"{', '.join(f'{v:.1f}' for v in r['extract_cpu_ms_per_image'])} ms; while they ran, the host stole "
-            f"{share(r['extract_steal'])} of the machine and other processes used {share(r['extract_others'])}")
+            f"{share(r['extract_steal'])} of the machine and other processes used {share(r['extract_others'])}"
+            + (f"; the forward pass's share of it at the ceiling's rate {', '.join(f'{v:.3f}' for v in shares)} "
+               "(the most each ratio can be with every core busy)" if shares else ""))
 
 
 def bf16_text(r):

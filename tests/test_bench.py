@@ -17,7 +17,7 @@ KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_vs_ceiling",
         "vehicles_softmax_test_acc_fp32", "vehicles_softmax_test_acc_bf16",
         "vehicles_softmax_test_acc_delta_points", "vehicles_bf16_cosine_mean", "targets", "steps_ms",
         "fast_cosine_mean", "fast_cosine_min", "startup_build_s", "startup_trace_s", "startup_prepare_s",
-        "startup_first_batch_s", "steady_batch_s", "decode")
+        "startup_first_batch_s", "steady_batch_s", "decode", "forward_cpu_share")
 
 
 @pytest.fixture
@@ -98,6 +98,8 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     assert len(written["extract_cpu_ms_per_image"]) == 3 and min(written["extract_cpu_ms_per_image"]) > 0
     assert all(0 <= share <= 1 for share in written["extract_steal"] + written["extract_others"])
+    if written["device"] == "cpu":
+        assert len(written["forward_cpu_share"]) == 3 and min(written["forward_cpu_share"]) > 0
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16      cosine to fp32 codes" in text
     assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
@@ -117,6 +119,17 @@ def test_the_3x_line_over_the_tutorial_loop_applies_only_where_bf16_is_native(de
     verdicts = targets({**figures, "device": device, "machine": {"native_cpu_bf16": native}})
     assert verdicts["ratio_vs_baseline"] == {"target": 3.0, "met": False, "applies": applies}
     assert all(v["met"] and v["applies"] for key, v in verdicts.items() if key != "ratio_vs_baseline")
+
+
+def test_the_forward_passs_share_of_each_extracts_cpu_is_against_the_ceiling_around_it():
+    from benchmarks.stage_one_table import forward_shares
+
+    result = {"device": "cpu", "machine": {"threads": 2}, "ceiling_img_s": 100.0, "pipeline_runs_img_s": [80.0, 82.0],
+              "pipeline_large_img_s": 90.0, "ceiling_large_runs_img_s": [120.0, 80.0],
+              "extract_cpu_ms_per_image": [25.0, 20.0, 40.0]}
+    assert forward_shares(result) == [0.8, 1.0, 0.5]  # 2 threads / 100 img/s = 20 ms a photo; the long run's 20 too
+    assert forward_shares({**result, "pipeline_large_img_s": None, "extract_cpu_ms_per_image": [25.0, 20.0]}) == [0.8, 1.0]
+    assert forward_shares({**result, "device": "cuda"}) is None
 
 
 def test_ceiling_times_at_least_min_timed_batches_and_returns_the_codes_of_one_pass():
