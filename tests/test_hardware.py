@@ -107,9 +107,8 @@ def test_the_collector_skips_the_objects_alive_before_the_block_and_collects_the
 def test_a_callers_own_freeze_is_left_as_it_is():
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         with collector_skips_existing():
             pass
-        assert gc.get_freeze_count() == frozen > 0
+        assert gc.get_freeze_count() > 0  # still frozen (the count itself falls as frozen objects are freed)
     finally:
         gc.unfreeze()
