@@ -67,9 +67,9 @@ def resolve_precision(precision, device):
 
 def native_cpu_bf16():
     """Whether this CPU has bf16 instructions (not oneDNN's emulation on plain AVX-512)."""
-    has = lambda check: getattr(torch.cpu, check, lambda: False)()  # torch.cpu private checks
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a torch.cpu private check
     return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")))
+            and (avx512_bf16() or cpu_has_amx()))
 
 
 def cpu_has_amx():
