@@ -187,7 +187,7 @@ def _to_batch(items):
 
 
 def encoded_batches(source, transform, rows, batch_size, num_workers):
-    """A DataLoader of Batch records whose images are per-row tensors: a JPEG's bytes, or pixels."""
+    """A DataLoader of Batch records whose images are Encoded: JPEGs' bytes, and pixels decoded in the workers."""
     return DataLoader(EncodedRows(source, transform, rows), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=_to_batch, prefetch_factor=4 if num_workers else None)
 
@@ -251,6 +251,8 @@ def _made_ahead(batches, ahead, device):
 
 
 def _decode_batch(batch, transform, device, decode):
+    """`batch` with its Encoded images made uint8 [B, 3, crop, crop] on `device`; a JPEG that cannot be
+    decoded is left at zeros, its failure and sha256 set as the CPU path sets them."""
     encoded, crop = batch.images, transform.crop_size[0]
     images = torch.empty(len(batch), 3, crop, crop, dtype=torch.uint8, device=device)
     if encoded.pixels_at:
