@@ -74,12 +74,28 @@ def test_the_model_is_traced_with_the_objects_alive_before_left_out_of_the_colle
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_a_long_cpu_run_on_an_amx_cpu_is_told_of_compile(folder, backbone, monkeypatch, amx):
-    monkeypatch.setattr(extract, "COMPILE_TIP_ROWS", 10)  # the toy set's 32 images count as long
+    monkeypatch.setattr(extract, "TIP_ROWS", 10)  # the toy set's 32 images count as long
     monkeypatch.setattr(extract, "cpu_has_amx", lambda: amx)
     message = run(folder, backbone, device="cpu").message
     assert ("this CPU has AMX: on runs this long COMPILE=1 (--compile)" in message) == amx
-    monkeypatch.setattr(extract, "COMPILE_TIP_ROWS", 33)
+    monkeypatch.setattr(extract, "TIP_ROWS", 33)
     assert "COMPILE=1" not in run(folder, backbone, device="cpu", rebuild=True).message
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_long_gpu_run_decoding_on_the_cpu_is_told_of_decoding_on_the_device(backbone, monkeypatch, decode):
+    """Checked on the tip alone (a GPU run needs a GPU): shown where a device decoder works for the recipe."""
+    runner = extract.LocalEngine("cpu", decode=decode)
+    runner.device = torch.device("cuda")
+    monkeypatch.setattr(extract, "check_device_decoding", lambda transform, device: None)  # a decoder works
+    tip = extract._speed_tip(runner, False, extract.TIP_ROWS, backbone.transform)
+    assert ("DECODE=device (--decode device) ran 1.5x faster" in tip) == (decode == "cpu")
+    assert extract._speed_tip(runner, False, extract.TIP_ROWS - 1, backbone.transform) == ""
+
+    def no_decoder(transform, device):
+        raise PipelineError("no JPEG decoder decodes on cuda")
+    monkeypatch.setattr(extract, "check_device_decoding", no_decoder)
+    assert extract._speed_tip(runner, False, extract.TIP_ROWS, backbone.transform) == ""
 
 
 def test_same_request_is_a_cache_hit(folder, backbone):
