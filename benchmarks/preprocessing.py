@@ -1,6 +1,7 @@
 """What preprocessing and start-up cost, and what the fast preprocessing changes (stage_one.py reports it).
 
     steps = step_costs(table, backbone)          # ms per image of each step, one thread
+    on_device = device_step_costs(table, "resnet50", device)  # --decode device: the steps where the model runs
     fidelity = fast_fidelity(table, "resnet50")  # cosine of codes: fast against torchvision's recipe
     startup = fresh_startup_costs("resnet50", "none", batch.shape, device, "bf16")  # paid once per run
 """
@@ -58,6 +59,35 @@ def step_costs(table, model="resnet50", images=STEP_IMAGES):
     costs["fast_total"] = costs["decode"] + sum(costs[k] for k in ("fast_resize_crop_to_uint8", "fast_collate_per_batch",
                                                                    "fast_normalise_per_batch"))
     return {key: round(value, 3) for key, value in costs.items()}
+
+
+def device_step_costs(table, model, device, images=256):
+    """ms per JPEG of `--decode device`'s steps where the model runs, for the first `images` rows in one
+    batch (as a batch of 256 reaches them on a GPU): the decoder's call alone, and decoding with the resize
+    and crop (device_decode.decoded_on). Best of three, after a first call that sets the decoder up."""
+    from dataclasses import replace
+
+    from pipeline.device_decode import decoded_on, encoded_batches, jpeg_decoder
+
+    transform = load_backbone(model, "none").transform
+    [batch] = encoded_batches(table, transform, np.arange(min(images, len(table))), images, 0)
+    jpegs, decode = list(batch.images.jpegs()), jpeg_decoder(device)
+
+    def best_ms(step):
+        step()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return round(min(times) / max(len(jpegs), 1) * 1e3, 4)
+
+    def decode_resize_crop():  # on a copy: decoded_on fills the batch's images, failures and sha256 in
+        fresh = replace(batch, sha256=list(batch.sha256), failures=list(batch.failures))
+        return next(decoded_on(device, iter([fresh]), transform, ahead=0))
+    return {"jpegs": len(jpegs), "decode": best_ms(lambda: decode(jpegs)), "decode_resize_crop": best_ms(decode_resize_crop)}
 
 
 def fast_fidelity(table, model, device, precision, images=128):

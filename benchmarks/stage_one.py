@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, whether
 import corpus  # noqa: E402
 from corpus import make_corpus, repeat_corpus  # noqa: E402
 from measure import MOBILENET_WEIGHTS, cosine, cpu_times, cpu_use, in_fresh_process, machine, peak_rss_mb  # noqa: E402
-from preprocessing import fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
+from preprocessing import device_step_costs, fast_fidelity, fresh_startup_costs, step_costs  # noqa: E402
 from tutorial_loop import fresh_baseline  # noqa: E402
 from stage_one_table import (bf16_figures, forward_shares, memory_figures, speed_figures, table_text,  # noqa: E402
                               targets)
@@ -241,8 +241,8 @@ def run_bench(model="resnet50", images=IMAGES, shared="../shared", reports_dir="
         codes, batches = speed.pop("codes"), speed.pop("batches")
         say("preprocessing: each step's cost, the fast recipe's codes against torchvision's, start-up")
         steps = {"steps_ms": step_costs(table, model), **fast_fidelity(table, model, device, setup["precision"]),
-                 **fresh_startup_costs(model, setup["weights"], batches[0].shape, device, setup["precision"],
-                                       compiled)}
+                 "device_steps_ms": device_step_costs(table, model, device) if decode == "device" else None,
+                 **fresh_startup_costs(model, setup["weights"], batches[0].shape, device, setup["precision"], compiled)}
         say("bf16: codes against fp32" if bf16 else f"bf16: not measured ({unmeasured})")
         similarity, compared = bf16_cosine(backbone, batches, codes, device, setup["precision"]) if bf16 else (None, 0)
         del batches

@@ -172,6 +172,11 @@ def table_text(r):
                  f"{st['normalise']:.2f} (with decode {st['reference_total']:.2f}); fast: one resize to uint8 "
                  f"{st['fast_resize_crop_to_uint8']:.2f}, collate per batch {st['fast_collate_per_batch']:.2f}, "
                  f"normalise per batch {st['fast_normalise_per_batch']:.2f} (with decode {st['fast_total']:.2f})")
+    on_device = r.get("device_steps_ms")
+    if on_device:
+        lines.append(f"  {'':<9} decoded on {r['device']}, {on_device['jpegs']} JPEGs to a call: ms per image "
+                     f"{on_device['decode']:.4f}, with resize and crop {on_device['decode_resize_crop']:.4f} "
+                     f"({1e3 / on_device['decode_resize_crop']:.0f} img/s)")
     lines += fidelity_lines(r)
     lines.append(f"  {'start-up':<9} build {r['startup_build_s']:.2f} s, trace {r['startup_trace_s']:.2f} s, prepare "
                  f"{r['startup_prepare_s']:.2f} s, first batch {r['startup_first_batch_s']:.2f} s (a later batch "

@@ -102,6 +102,10 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
         assert len(written["forward_cpu_share"]) == 3 and min(written["forward_cpu_share"]) > 0
     text = bench.table_text(written)
     assert "ceiling" in text and "baseline" in text and "bf16      cosine to fp32 codes" in text
+    assert written["device_steps_ms"] is None and "JPEGs to a call" not in text  # decoded on the CPU
+    on_device = {"jpegs": 256, "decode": 0.08, "decode_resize_crop": 0.1}
+    assert ("decoded on cpu, 256 JPEGs to a call: ms per image 0.0800, with resize and crop 0.1000 (10000 img/s)"
+            in bench.table_text({**written, "device_steps_ms": on_device}))
     assert f"{written['machine']['cores']} cores (" in text  # the bf16 flags, or that there are none
 
     assert written["bf16_not_measured"] is None
@@ -185,3 +189,15 @@ def test_the_heads_bench_records_a_failed_head_and_goes_on():
 
     failed = heads.fresh_figures(60, "no_such_function")
     assert list(failed) == ["failed"] and "AttributeError" in failed["failed"][0]
+
+
+def test_device_steps_are_timed_per_jpeg(tmp_path):
+    """--decode device's steps where the model runs (here the CPU's decoder): the JPEGs of one batch."""
+    from conftest import write_jpeg
+    from pipeline.sources import ImageFiles
+    from preprocessing import device_step_costs
+    paths = [write_jpeg(tmp_path / f"{k}.jpg", (320, 240), seed=k) for k in range(5)]
+    (tmp_path / "flat.png").write_bytes(b"")  # not a JPEG: decoded by the worker, not counted
+    costs = device_step_costs(ImageFiles(paths + [tmp_path / "flat.png"]), "mobilenet_v3_small", torch.device("cpu"),
+                              images=6)
+    assert costs["jpegs"] == 5 and costs["decode"] > 0 and costs["decode_resize_crop"] > 0
