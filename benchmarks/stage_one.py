@@ -137,6 +137,7 @@ def child_extract(data_dir, name, model, weights, features_dir, device, precisio
     seconds = time.perf_counter() - t0
     return {"images": len(table), "seconds": seconds, "images_per_s": len(table) / seconds,
             "inner_images_per_s": result.images_per_s, "maxrss_mb": peak_rss_mb(),
+            "waited_share": round(result.waited_s / result.seconds, 4) if result.waited_s else None,  # Ray: None
             **cpu_use(before, cpu_times(), len(table))}
 
 

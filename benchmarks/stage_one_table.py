@@ -35,8 +35,10 @@ def speed_figures(tops, smalls, bases, big=None, tops_large=()):
 
 def cpu_figures(extracts):
     """Each extract's own CPU per image and the host's steal and other processes' shares while it ran
-    (measure.cpu_use), in the order run: the 384-image runs, then the long run."""
-    return {f"extract_{key}": [run.get(key) for run in extracts] for key in ("cpu_ms_per_image", "steal", "others")}
+    (measure.cpu_use), and the share of its time the model waited for decoded images, in the order run: the
+    384-image runs, then the long run."""
+    return {f"extract_{key}": [run.get(key) for run in extracts]
+            for key in ("cpu_ms_per_image", "steal", "others", "waited_share")}
 
 
 def forward_shares(result):
@@ -110,7 +112,9 @@ def cpu_text(r):
             f"{', '.join(f'{v:.1f}' for v in r['extract_cpu_ms_per_image'])} ms; while they ran, the host stole "
             f"{share(r['extract_steal'])} of the machine and other processes used {share(r['extract_others'])}"
             + (f"; the forward pass's share of it at the ceiling's rate {', '.join(f'{v:.3f}' for v in shares)} "
-               "(the most each ratio can be with every core busy)" if shares else ""))
+               "(the most each ratio can be with every core busy)" if shares else "")
+            + (f"; the model waited for decoded images {share(r['extract_waited_share'])} of each"
+               if r.get("extract_waited_share") and None not in r["extract_waited_share"] else ""))
 
 
 def bf16_text(r):

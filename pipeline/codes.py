@@ -17,6 +17,7 @@ k are copied to host memory while batch k+1 is queued.
 import copy
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -186,9 +187,15 @@ def iter_codes(source, backbone, layers, rows, *, device, precision, batch_size,
 
 
 def forward(model, batches, device, precision):
-    """Yield (batch, codes) for each Batch of `batches`; its pixels are released once on the device."""
-    pending = None
-    for batch in batches:
+    """Yield (batch, codes) for each Batch of `batches`; its pixels are released once on the device, and
+    its `waited_s` says how long the loop waited for it (decoding it, or for the decoders to hand it over)."""
+    pending, batches = None, iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        batch.waited_s = time.perf_counter() - start
         with torch.inference_mode(), autocast_for(device, precision):
             images = batch.images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, H, W]
             codes = _copy_to_host(model(images))

@@ -67,6 +67,7 @@ class ExtractResult:
     seconds: float
     images_per_s: float
     message: str         # one line for the user
+    waited_s: float = 0.0  # of `seconds`, how long the model waited for decoded images (0: not measured)
 
 
 @collector_skips_existing()  # a full collection while the model is traced: README, bench
@@ -107,20 +108,22 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
         pairs = _finite(runner.codes(table, backbone, plan.layers, plan.todo[start:], precision, batch_size,
                                      draft_size(backbone.transform) if jpeg_draft else None), table, precision)
         writer = writer or _create_writer(path, table, backbone, plan)
-        failed = _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
+        failed, waited = _write_all(pairs, writer, progress, f"{backbone.name} {table.name}")
         seconds = time.perf_counter() - t0
         rows = len(plan.todo) - start
         rate = rows / seconds if seconds > 0 else 0.0
         where = runner.describe()
         writer.finish({"device": where, "engine": engine, "batch_size": batch_size,
                        "num_workers": runner.num_workers, "compiled": compiled, "images_per_s": round(rate, 2),
-                       "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat()})
+                       "seconds": round(seconds, 2), "waited_for_decoding_s": round(waited, 2),
+                       "created": datetime.now(timezone.utc).isoformat()})
     with FeatureCache(path) as cache:
         found = note(data_checks(cache))
     message = (f"{plan.note}{status} {rows - failed} images -> {path} ({', '.join(plan.settings['layers'])}; "
-               f"{precision} on {where}{f', {rate:.1f} images/s' if rows > failed else ''}){found and chr(10) + found}"
+               f"{precision} on {where}{f', {rate:.1f} images/s' if rows > failed else ''}{_waited(waited, seconds)})"
+               f"{found and chr(10) + found}"
                f"{_speed_tip(runner, compiled, rows, backbone.transform)}")
-    return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message)
+    return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message, waited)
 
 
 ENGINES = ("local", "ray")
@@ -252,14 +255,14 @@ def _finite(pairs, table, precision):
 
 def _write_all(pairs, writer, progress, desc):
     """Stream (batch, codes) into the partial cache; the disk write of one batch overlaps the next
-    forward pass, and at most one batch waits for the disk (write errors surface here). -> the number
-    of images that could not be decoded (skipped)."""
+    forward pass, and at most one batch waits for the disk (write errors surface here). -> (the number
+    of images that could not be decoded (skipped), the seconds the model waited for decoded batches)."""
     bar = tqdm(total=len(writer.todo), initial=writer.n_done, unit="img", disable=not progress, desc=desc,
                dynamic_ncols=True)
-    pending, failed = None, 0
+    pending, failed, waited = None, 0, 0.0
     with ThreadPoolExecutor(max_workers=1) as disk:
         for batch, codes in pairs:
-            failed += sum(map(bool, batch.failures))
+            failed, waited = failed + sum(map(bool, batch.failures)), waited + batch.waited_s
             if pending is not None:
                 pending.result()
             pending = disk.submit(writer.append, batch, codes)
@@ -267,4 +270,10 @@ def _write_all(pairs, writer, progress, desc):
         if pending is not None:
             pending.result()
     bar.close()
-    return failed
+    return failed, waited
+
+
+def _waited(waited, seconds):
+    """', the model waited 12% of the time for decoded images': on a CPU, decoding between forward passes;
+    elsewhere the decoders falling behind (more workers, or --decode device on a GPU). Nothing if unmeasured."""
+    return f", the model waited {waited / seconds:.0%} of the time for decoded images" if waited and seconds else ""

@@ -43,6 +43,7 @@ class Batch:
     images: object       # torch uint8 (or float32) [B, 3, H, W]: zeros where decoding failed; None once on the device
     sha256: list         # [B] hex of each file's bytes, "" where it could not be read
     failures: list       # [B] why the image could not be decoded, "" if it was
+    waited_s: float = 0.0  # how long the model waited for this batch to be decoded (0: not measured)
 
     def __len__(self):
         return len(self.rows)

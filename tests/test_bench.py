@@ -97,7 +97,8 @@ def test_bench_writes_every_figure(fake_shared, tmp_path, small_sizes):
     assert set(written["machine"]["bf16_flags"]) <= {"amx_bf16", "avx512_bf16"}  # which CPU: these machines differ
     assert set(written["targets"]) == {"ratio_vs_ceiling", "ratio_vs_ceiling_large", "ratio_vs_baseline", "rss_growth"}
     assert len(written["extract_cpu_ms_per_image"]) == 3 and min(written["extract_cpu_ms_per_image"]) > 0
-    assert all(0 <= share <= 1 for share in written["extract_steal"] + written["extract_others"])
+    assert all(0 <= share <= 1 for share in written["extract_steal"] + written["extract_others"] + written["extract_waited_share"])
+    assert "the model waited for decoded images" in bench.table_text(written)
     if written["device"] == "cpu":
         assert len(written["forward_cpu_share"]) == 3 and min(written["forward_cpu_share"]) > 0
     text = bench.table_text(written)

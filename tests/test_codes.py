@@ -191,6 +191,19 @@ def test_forward_yields_every_batch_in_order_with_its_codes():
     assert list(forward(MeanColour(), [], torch.device("cpu"), "fp32")) == []
 
 
+def test_forward_says_how_long_it_waited_for_each_batch():
+    import time
+
+    def slow(batches, seconds):  # decoders that hand each batch over `seconds` late
+        for batch in batches:
+            time.sleep(seconds)
+            yield batch
+    out = list(forward(MeanColour(), slow(batches_of(3, 5, 2), 0.05), torch.device("cpu"), "fp32"))
+    assert [batch.waited_s >= 0.05 for batch, _ in out] == [True] * 3
+    quick = list(forward(MeanColour(), batches_of(3, 5, 2), torch.device("cpu"), "fp32"))
+    assert all(0 < batch.waited_s < 0.05 for batch, _ in quick)
+
+
 def test_forward_leaves_no_autocast_or_inference_mode_behind():
     for _ in forward(MeanColour(), batches_of(2, 2, value=1), torch.device("cpu"), "bf16"):
         assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()

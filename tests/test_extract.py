@@ -98,6 +98,15 @@ def test_a_long_gpu_run_decoding_on_the_cpu_is_told_of_decoding_on_the_device(ba
     assert extract._speed_tip(runner, False, extract.TIP_ROWS, backbone.transform) == ""
 
 
+def test_extract_says_how_long_the_model_waited_for_decoded_images(folder, backbone):
+    result = run(folder, backbone)
+    assert 0 < result.waited_s < result.seconds
+    assert f"the model waited {result.waited_s / result.seconds:.0%} of the time for decoded images" in result.message
+    with FeatureCache(result.path) as cache:
+        assert cache.attrs["waited_for_decoding_s"] == round(result.waited_s, 2)
+    assert "waited" not in run(folder, backbone).message  # a hit: nothing measured
+
+
 def test_same_request_is_a_cache_hit(folder, backbone):
     first = run(folder, backbone)
     mtime = first.path.stat().st_mtime_ns
