@@ -186,7 +186,7 @@ class LocalEngine:
                           compiled=self.compiled)
 
 
-TIP_ROWS = 50_000  # a run this long pays for compiling (6-17 s) many times over on an AMX CPU
+TIP_ROWS = 50_000  # runs this long are told of a faster path (compiling, 6-17 s, pays many times over)
 
 
 def _speed_tip(runner, compiled, rows, transform):
