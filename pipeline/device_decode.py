@@ -219,10 +219,7 @@ def _made_ahead(batches, ahead, device):
         try:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for batch in batches:
-                    ready = torch.cuda.Event() if stream else None
-                    if ready:
-                        ready.record(stream)
-                    hand_over((batch, ready))
+                    hand_over((batch, stream.record_event() if stream else None))
                     if stop.is_set():
                         return
             hand_over((end, None))

@@ -122,7 +122,7 @@ def extract_features(table, backbone, layer_specs, features_dir, *, device="auto
     message = (f"{plan.note}{status} {rows - failed} images -> {path} ({', '.join(plan.settings['layers'])}; "
                f"{precision} on {where}{f', {rate:.1f} images/s' if rows > failed else ''}{_waited(waited, seconds)})"
                f"{found and chr(10) + found}"
-               f"{_speed_tip(runner, compiled, rows, backbone.transform)}")
+               f"{_speed_tip(runner, rows, backbone.transform)}")
     return ExtractResult(path, status, plan.settings["layers"], rows, seconds, rate, message, waited)
 
 
@@ -189,13 +189,13 @@ class LocalEngine:
 TIP_ROWS = 50_000  # runs this long are told of a faster path (compiling, 6-17 s, pays many times over)
 
 
-def _speed_tip(runner, compiled, rows, transform):
+def _speed_tip(runner, rows, transform):
     """A line for long local runs made without the faster path measured on such hardware: on an AMX CPU,
     --compile (the forward pass 1.4-1.6x faster); on a GPU decoding on the CPU, --decode device (1.5x on
     an H200, where CPU decoding set the pace), where this model's recipe and a decoder allow it."""
     if rows < TIP_ROWS or not isinstance(runner, LocalEngine):
         return ""
-    if runner.device.type == "cpu" and not compiled and cpu_has_amx():
+    if runner.device.type == "cpu" and not runner.compiled and cpu_has_amx():
         return ("\nthis CPU has AMX: on runs this long COMPILE=1 (--compile) ran the forward pass 1.4-1.6x faster "
                 "after 6-17 s of compiling, with the same codes within rounding (README: Compiling the model)")
     if runner.device.type == "cuda" and runner.decode == "cpu":

@@ -88,14 +88,14 @@ def test_a_long_gpu_run_decoding_on_the_cpu_is_told_of_decoding_on_the_device(ba
     runner = extract.LocalEngine("cpu", decode=decode)
     runner.device = torch.device("cuda")
     monkeypatch.setattr(extract, "check_device_decoding", lambda transform, device: None)  # a decoder works
-    tip = extract._speed_tip(runner, False, extract.TIP_ROWS, backbone.transform)
+    tip = extract._speed_tip(runner, extract.TIP_ROWS, backbone.transform)
     assert ("DECODE=device (--decode device) ran 1.5x faster" in tip) == (decode == "cpu")
-    assert extract._speed_tip(runner, False, extract.TIP_ROWS - 1, backbone.transform) == ""
+    assert extract._speed_tip(runner, extract.TIP_ROWS - 1, backbone.transform) == ""
 
     def no_decoder(transform, device):
         raise PipelineError("no JPEG decoder decodes on cuda")
     monkeypatch.setattr(extract, "check_device_decoding", no_decoder)
-    assert extract._speed_tip(runner, False, extract.TIP_ROWS, backbone.transform) == ""
+    assert extract._speed_tip(runner, extract.TIP_ROWS, backbone.transform) == ""
 
 
 def test_extract_says_how_long_the_model_waited_for_decoded_images(folder, backbone):
